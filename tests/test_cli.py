@@ -1,0 +1,111 @@
+"""Command-line and cross-module behaviour: what a user typing `lesiongen ...` sees."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lesiongen.core import RECORD_COLUMNS
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LESIONGEN = str(Path(sys.executable).parent / "lesiongen")
+
+
+def run(*args, check=True):
+    "Run the `lesiongen` console script; return the completed process"
+    p = subprocess.run([LESIONGEN, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lesiongen {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr}")
+    return p
+
+
+def test_help_lists_commands():
+    out = " ".join(run("--help").stdout.split())
+    for cmd in ("run", "phantom", "curate"):
+        assert cmd in out
+    assert "not for clinical use" in out
+
+
+def test_import_is_light():
+    "Importing the package and its CLI pulls in no heavy library, data, GPU or API key"
+    code = ("import sys, lesiongen, lesiongen.cli, lesiongen.core; "
+            "heavy = [m for m in ('torch', 'pandas', 'PIL', 'diffusers', 'transformers', 'sklearn') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing lesiongen.cli imported {out}"
+
+
+@pytest.mark.parametrize("fmt", ["ham10000", "derm7pt"])
+def test_phantom_curate_round_trip(tmp_path, fmt):
+    run("phantom", "--out", tmp_path / "ph", "--n", 60, "--size", 32, "--seed", 1, "--format", fmt, "--quiet")
+    p = run("curate", "--dataset", fmt, "--root", tmp_path / "ph", "--out", tmp_path / "cur")
+    assert "lesions in more than one split: 0" in p.stdout
+    rec = pd.read_csv(tmp_path / "cur" / "records.csv")
+    assert tuple(rec.columns) == RECORD_COLUMNS
+    truth = pd.read_csv(tmp_path / "ph" / "phantom_truth.csv")
+    assert len(rec) == len(truth) if fmt == "ham10000" else len(rec) == truth["lesion_id"].nunique()
+    assert (rec.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert set(rec["split"]) <= {"train", "valid", "test"}
+    report = json.loads((tmp_path / "cur" / "curation_report.json").read_text())
+    assert report["n_rows_in"] == len(rec)
+
+
+def test_curate_missing_column_fails_naming_it(tmp_path):
+    run("phantom", "--out", tmp_path / "ph", "--n", 20, "--size", 32, "--quiet")
+    meta = tmp_path / "ph" / "HAM10000_metadata.csv"
+    pd.read_csv(meta).drop(columns=["localization"]).to_csv(meta, index=False)
+    p = run("curate", "--dataset", "ham10000", "--root", tmp_path / "ph", "--out", tmp_path / "cur", check=False)
+    assert p.returncode != 0
+    assert "localization" in p.stderr and "HAM10000_metadata.csv" in p.stderr
+    assert not (tmp_path / "cur" / "records.csv").exists()
+
+
+def test_curate_drop_lists_every_dropped_row(tmp_path):
+    run("phantom", "--out", tmp_path / "ph", "--n", 30, "--size", 32, "--quiet")
+    meta = pd.read_csv(tmp_path / "ph" / "HAM10000_metadata.csv")
+    victim = meta["image_id"].iloc[3]
+    next((tmp_path / "ph").rglob(f"{victim}.jpg")).unlink()
+    p = run("curate", "--dataset", "ham10000", "--root", tmp_path / "ph", "--out", tmp_path / "c1", check=False)
+    assert p.returncode != 0 and victim in p.stderr
+    run("curate", "--dataset", "ham10000", "--root", tmp_path / "ph", "--out", tmp_path / "c2", "--on-error", "drop")
+    report = json.loads((tmp_path / "c2" / "curation_report.json").read_text())
+    assert [d["image_id"] for d in report["dropped"]] == [victim]
+    assert len(pd.read_csv(tmp_path / "c2" / "records.csv")) == len(meta) - 1
+
+
+def test_real_ham10000_metadata_with_placeholder_images(tmp_path):
+    "The 3,017 real HAM10000 metadata rows curate with placeholder images: every row kept, no lesion leaks"
+    meta = pd.read_csv(FIXTURES / "ham10000_metadata_subset.csv")
+    (tmp_path / "HAM10000_images_part_1").mkdir()
+    img = Image.new("RGB", (8, 8), (200, 150, 130))
+    for i in meta["image_id"]:
+        img.save(tmp_path / "HAM10000_images_part_1" / f"{i}.jpg")
+    meta.to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
+    run("curate", "--dataset", "ham10000", "--root", tmp_path, "--out", tmp_path / "cur")
+    rec = pd.read_csv(tmp_path / "cur" / "records.csv")
+    assert len(rec) == len(meta) == 3017
+    assert (rec.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert rec["sex"].isna().sum() == (meta["sex"] == "unknown").sum()
+    assert rec["site"].isna().sum() == (meta["localization"] == "unknown").sum()
+    assert rec["age"].isna().sum() == meta["age"].isna().sum()
+
+
+def test_run_pipeline_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = run("run", "--out", out, "--n", 40, "--size", 32, "--quiet")
+    assert "lesions in more than one split: 0" in p.stdout
+    marker = out / "phantom" / "stage.json"
+    before = marker.read_text()
+    run("run", "--out", out, "--n", 40, "--size", 32, "--quiet")
+    assert marker.read_text() == before
+    p = run("run", "--out", out, "--n", 41, "--size", 32, "--quiet", check=False)
+    assert p.returncode == 2 and "other settings (n)" in p.stderr and "--force" in p.stderr
+
+
+def test_bad_argument_named(tmp_path):
+    p = run("phantom", "--out", tmp_path / "ph", "--n", 0, check=False)
+    assert p.returncode == 2 and re.search(r"\bn\b", p.stderr), p.stderr
