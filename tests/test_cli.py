@@ -109,3 +109,51 @@ def test_run_pipeline_resumes(tmp_path):
 def test_bad_argument_named(tmp_path):
     p = run("phantom", "--out", tmp_path / "ph", "--n", 0, check=False)
     assert p.returncode == 2 and re.search(r"\bn\b", p.stderr), p.stderr
+
+
+def _curated(tmp_path, n=24, fmt="derm7pt"):
+    run("phantom", "--out", tmp_path / "ph", "--n", n, "--size", 32, "--format", fmt, "--quiet")
+    run("curate", "--dataset", fmt, "--root", tmp_path / "ph", "--out", tmp_path / "cur")
+    return tmp_path / "cur" / "records.csv"
+
+
+@pytest.mark.parametrize("style", ["short", "report"])
+def test_caption_templates(tmp_path, style):
+    records = _curated(tmp_path)
+    extra = ["--max-tokens", 77] if style == "short" else []
+    p = run("caption", "--records", records, "--style", style, "--out", tmp_path / "c.jsonl", "--quiet", *extra)
+    lines = [json.loads(l) for l in (tmp_path / "c.jsonl").read_text().splitlines()]
+    rec = pd.read_csv(records)
+    assert sorted(l["image_id"] for l in lines) == sorted(rec["image_id"])
+    assert {l["source"] for l in lines} == {"template"} and {l["style"] for l in lines} == {style}
+    p2 = run("caption", "--records", records, "--style", style, "--out", tmp_path / "c.jsonl", "--quiet", *extra)
+    assert "0 caption(s) written" in p2.stdout, p2.stdout  # a re-run skips what is done
+
+
+def test_caption_llm_over_loopback_http(tmp_path, monkeypatch):
+    "`--style llm --backend openai` against a loopback server: fact-checked reports, key only from the environment"
+    from lesiongen.llm import LocalChatServer
+    records = _curated(tmp_path, n=8)
+    sentinel = "sk-test-SENTINEL-never-on-disk"
+    with LocalChatServer(lambda body, headers: "Diagnosis: psoriasis\nnot a real report") as srv:
+        env = {"OPENAI_API_KEY": sentinel}
+        p = subprocess.run([LESIONGEN, "caption", "--records", str(records), "--style", "llm", "--backend", "openai",
+                            "--model", "local", "--base-url", srv.base_url, "--max-attempts", "2", "--max-retries", "0",
+                            "--timeout", "5", "--out", str(tmp_path / "llm.jsonl"), "--quiet"],
+                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ, **env})
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(l) for l in (tmp_path / "llm.jsonl").read_text().splitlines()]
+    assert len(lines) == len(pd.read_csv(records))
+    assert {l["source"] for l in lines} == {"fallback"}  # every LLM answer contradicted the facts
+    assert "0 accepted" in p.stdout and srv.n_requests == 2 * len(lines)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert sentinel.encode() not in f.read_bytes(), f
+    assert sentinel not in p.stdout + p.stderr
+
+
+def test_caption_bad_style_and_missing_records(tmp_path):
+    p = run("caption", "--records", tmp_path / "nope.csv", "--out", tmp_path / "c.jsonl", check=False)
+    assert p.returncode == 2 and "nope.csv" in p.stderr
+    p = run("caption", "--records", tmp_path / "nope.csv", "--out", tmp_path / "c.jsonl", "--style", "poem", check=False)
+    assert p.returncode != 0 and "poem" in p.stderr
