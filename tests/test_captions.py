@@ -49,3 +49,28 @@ def test_report_roundtrip():
     bad = rep.replace("arborizing vessels", "no vessels")
     res = C.check_report(bad, facts)
     assert not res.ok and any(p.startswith("vascular_structures") for p in res.problems)
+
+
+def test_every_real_ham10000_row_captions_without_contradiction(tmp_path):
+    "Curate all 3,017 real HAM10000 metadata rows (placeholder images); no template caption contradicts its record"
+    import pandas as pd
+    from lesiongen.data import load_ham10000, write_placeholder_images
+    meta = pd.read_csv(Path(__file__).parent / "fixtures" / "ham10000_metadata_subset.csv")
+    meta.to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
+    write_placeholder_images(tmp_path / "HAM10000_images_part_1", [f"{i}.jpg" for i in meta["image_id"]])
+    records = load_ham10000(tmp_path).records
+    assert len(records) == len(meta)
+    clip = C.load_tokenizer(str(FIXTURE))
+    bad = []
+    for row in records.to_dict("records"):
+        facts = C.record_facts(row)
+        short = C.fit_caption(C.caption_clauses(facts, "short"), clip, 77)
+        for text, check in ((short, C.check_caption), (C.report_caption(facts, seed=0), C.check_report)):
+            if not (r := check(text, facts)).ok: bad.append((row["image_id"], text, r.problems))
+        assert C.DX_NAMES[row["dx"]] in short
+    assert bad == []
+    # ...and the check can fail: the same captions against a record with another diagnosis are rejected
+    facts = C.record_facts(records.iloc[0].to_dict())
+    other = {**facts, "dx": "mel" if facts["dx"] != "mel" else "nv"}
+    other.pop("diagnosis", None)
+    assert not C.check_caption(C.short_caption(other), facts).ok
