@@ -157,3 +157,36 @@ def test_caption_bad_style_and_missing_records(tmp_path):
     assert p.returncode == 2 and "nope.csv" in p.stderr
     p = run("caption", "--records", tmp_path / "nope.csv", "--out", tmp_path / "c.jsonl", "--style", "poem", check=False)
     assert p.returncode != 0 and "poem" in p.stderr
+
+
+def test_train_compact_from_the_command_line(tmp_path):
+    records = _curated(tmp_path, n=24, fmt="ham10000")
+    run("caption", "--records", records, "--style", "short", "--max-tokens", 77, "--out", tmp_path / "c.jsonl", "--quiet")
+    out = tmp_path / "run"
+    p = run("train", "--records", records, "--captions", tmp_path / "c.jsonl", "--base", "compact", "--out", out,
+            "--max-steps", 2, "--batch-size", 4, "--checkpointing-steps", 1, "--num-validation-images", 1,
+            "--validation-prompt", "dermoscopy image of a melanoma", "--no-progress")
+    assert "not for clinical use" in p.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["base"], cfg["max_train_steps"], cfg["train_batch_size"], cfg["resolution"]) == ("compact", 2, 4, 32)
+    assert len(pd.read_csv(out / "loss.csv")) == 2
+    weights = [f.name for f in out.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pkl", ".ckpt")]
+    assert weights and all(w.endswith(".safetensors") for w in weights)
+
+
+def test_train_bad_input_named(tmp_path):
+    records = _curated(tmp_path, n=16, fmt="ham10000")
+    run("caption", "--records", records, "--out", tmp_path / "c.jsonl", "--quiet")
+    common = ["train", "--records", records, "--captions", tmp_path / "c.jsonl", "--out", tmp_path / "run"]
+    p = run(*common, "--base", tmp_path / "no_such_model", check=False)
+    assert p.returncode == 2 and "no_such_model" in p.stderr
+    from lesiongen.model import tiny_stable_diffusion
+    tiny_stable_diffusion().save_pretrained(tmp_path / "tiny_sd")
+    p = run(*common, "--base", tmp_path / "tiny_sd", "--lora-rank", 0, check=False)
+    assert p.returncode == 2 and "rank" in p.stderr
+    p = run(*common, "--base", "compact", "--resolution", 30, check=False)
+    assert p.returncode == 2 and "resolution" in p.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    p = run("train", "--records", records, "--captions", tmp_path / "empty.jsonl", "--out", tmp_path / "run",
+            "--base", "compact", check=False)
+    assert p.returncode == 2 and "caption" in p.stderr.lower()

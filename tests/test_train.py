@@ -1,0 +1,156 @@
+"""The training loop end to end on tiny models: compact and SD-LoRA runs, bit-identical resume, bad inputs, `accelerate launch`."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lesiongen.core import LesionGenError
+from lesiongen.data import curate, read_records
+from lesiongen.llm import caption_records
+from lesiongen.phantom import PhantomConfig, write_phantom
+from lesiongen.train import TrainConfig, check_inputs, list_checkpoints, read_loss, train
+
+
+def make_inputs(root: Path, n: int = 16, size: int = 32, seed: int = 0) -> dict:
+    "Write a curated, captioned phantom dataset under `root`"
+    write_phantom(root / "raw", PhantomConfig(n=n, size=size, seed=seed), progress=False)
+    curate("ham10000", root / "raw", root / "cur")
+    caption_records(root / "cur" / "records.csv", root / "cur" / "captions.jsonl", style="short", progress=False)
+    return dict(records=str(root / "cur" / "records.csv"), captions=str(root / "cur" / "captions.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from lesiongen.model import tiny_stable_diffusion
+    path = tmp_path_factory.mktemp("tiny_sd")
+    tiny_stable_diffusion().save_pretrained(path)
+    return path
+
+
+def test_compact_run_writes_everything(inputs, tmp_path):
+    out = train(TrainConfig.tiny(**inputs, out=str(tmp_path / "run"), max_train_steps=2, checkpointing_steps=1,
+                                 checkpoints_total_limit=1, num_validation_images=1))
+    loss = read_loss(out)
+    assert [r["step"] for r in loss] == [1, 2] and all(math.isfinite(r["loss"]) for r in loss)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]  # the total limit removed checkpoint-1
+    for f in ("config.json", "loss.png", "validation/step-1.png", "validation/step-2.png", "model_index.json",
+              "unet/diffusion_pytorch_model.safetensors", "README.md"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "config.json").read_text())["base"] == "compact"
+    for f in (out / "checkpoint-2").iterdir():  # only JSON and safetensors: nothing is unpickled on resume
+        assert f.suffix in (".json", ".safetensors"), f
+        json.loads(f.read_text()) if f.suffix == ".json" else load_file(f)
+
+
+def test_resume_is_bit_identical(inputs, tmp_path):
+    kw = dict(**inputs, max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, validation_prompts=())
+    train(TrainConfig.tiny(**kw, out=str(tmp_path / "a")))
+    train(TrainConfig.tiny(**kw, out=str(tmp_path / "b")), stop_at_step=3)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["checkpoint-3"]
+    assert not (tmp_path / "b" / "model_index.json").exists()  # an interrupted run writes no final weights
+    train(TrainConfig.tiny(**kw, out=str(tmp_path / "b"), resume_from_checkpoint="latest"))
+    for f in ("model", "ema", "optimizer"):
+        a, b = (load_file(tmp_path / r / "checkpoint-6" / f"{f}.safetensors") for r in ("a", "b"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), f
+    assert read_loss(tmp_path / "a") == read_loss(tmp_path / "b")
+    a, b = (load_file(tmp_path / r / "unet" / "diffusion_pytorch_model.safetensors") for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings(inputs, tmp_path):
+    kw = dict(**inputs, out=str(tmp_path / "r"), max_train_steps=2, checkpointing_steps=1, validation_prompts=())
+    train(TrainConfig.tiny(**kw), stop_at_step=1)
+    with pytest.raises(LesionGenError, match="learning_rate"):
+        train(TrainConfig.tiny(**{**kw, "learning_rate": 0.5}, resume_from_checkpoint="latest"))
+    with pytest.raises(LesionGenError, match="already holds checkpoints"):
+        train(TrainConfig.tiny(**kw))
+
+
+def _lines(path):
+    return Path(path).read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty captions", "holds no captions"),
+    ("missing captions", "have no caption"),
+    ("foreign ids", "share no image_id"),
+    ("other records", "do not match their record's facts"),
+    ("missing image", "ISIC_"),
+    ("bad resolution", "resolution=34"),
+    ("missing base", "/no/such/sd-v1-4"),
+    ("unknown split", "holdout"),
+])
+def test_bad_inputs_are_named(inputs, tmp_path, case, match):
+    kw = dict(**inputs, out=str(tmp_path / "out"))
+    cap = tmp_path / "captions.jsonl"
+    if case == "empty captions": cap.write_text(""); kw["captions"] = str(cap)
+    elif case == "missing captions": cap.write_text("".join(_lines(inputs["captions"])[2:])); kw["captions"] = str(cap)
+    elif case == "foreign ids": cap.write_text("".join(l.replace('"ISIC_', '"X_') for l in _lines(inputs["captions"]))); kw["captions"] = str(cap)
+    elif case == "other records": kw["captions"] = make_inputs(tmp_path / "other", seed=1)["captions"]
+    elif case == "missing image":
+        mine = make_inputs(tmp_path / "mine")
+        rec = read_records(mine["records"])
+        (tmp_path / "mine" / "raw" / rec["file_name"][0]).unlink()
+        kw.update(mine)
+    elif case == "bad resolution": kw.update(resolution=34, model_config={})  # 3 levels: multiples of 4
+    elif case == "unknown split": kw["splits"] = ("holdout",)
+    if case == "missing base": cfg = TrainConfig(**kw, base="/no/such/sd-v1-4")
+    else: cfg = TrainConfig.tiny(**kw)
+    with pytest.raises(LesionGenError, match=match): check_inputs(cfg)
+
+
+def test_bad_config_values():
+    for kw, match in ((dict(rank=0), "rank"), (dict(max_train_steps=0), "max_train_steps"),
+                      (dict(caption_dropout=1.5), "caption_dropout"), (dict(prediction_type="x0"), "prediction_type")):
+        with pytest.raises(LesionGenError, match=match): TrainConfig(**kw)
+
+
+def test_sd_resolution_checked_against_vae_and_unet(inputs, tiny_sd, tmp_path):
+    cfg = TrainConfig(**inputs, out=str(tmp_path / "sd"), base=str(tiny_sd), rank=4, resolution=34, train_batch_size=2,
+                      max_train_steps=1, validation_prompts=(), progress=False)
+    with pytest.raises(LesionGenError, match="multiple of the model's downsampling factor 4"): train(cfg)
+
+
+def test_sd_lora_output_loads_in_diffusers(inputs, tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    out = train(TrainConfig(**inputs, out=str(tmp_path / "lora"), base=str(tiny_sd), rank=4, resolution=32,
+                            train_batch_size=2, gradient_accumulation_steps=1, max_train_steps=2, checkpointing_steps=2,
+                            learning_rate=1e-3, validation_prompts=("dermoscopy image of a melanoma",),
+                            num_validation_images=1, validation_inference_steps=2, progress=False))
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "validation" / "step-2.png").is_file()
+    assert set(load_file(out / "checkpoint-2" / "model.safetensors")) and all(
+        "lora" in k for k in load_file(out / "checkpoint-2" / "model.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    x, e = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(): before = pipe.unet(x, 10, e).sample
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad(): after = pipe.unet(x, 10, e).sample
+    assert (after - before).abs().max() > 0  # the trained adapter is applied
+    img = pipe("dermoscopy image of a nevus", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_one_process(inputs, tmp_path):
+    "`accelerate launch $(which lesiongen) train ...` runs the command line under accelerate, as on several GPUs"
+    accelerate, lesiongen = (Path(sys.executable).parent / n for n in ("accelerate", "lesiongen"))
+    p = subprocess.run([str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no", str(lesiongen), "train", "--records", inputs["records"],
+                        "--captions", inputs["captions"], "--base", "compact", "--out", str(tmp_path / "run"),
+                        "--max-steps", "2", "--batch-size", "4", "--checkpointing-steps", "2",
+                        "--validation-prompt", "dermoscopy image of a melanoma", "--num-validation-images", "1",
+                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in read_loss(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "checkpoint-2" / "rng-0.safetensors").is_file()
