@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'SD14_ID', 'SD14_SCHEDULER', 'PAPER_LORA_TARGETS', 'LORA_WEIGHT_NAME', 'SD14_UNET_CONFIG',
-           'PREDICTION_TYPES', 'BETA_SCHEDULES', 'default_dtype', 'freeze', 'count_params', 'looks_local',
-           'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion', 'noise_scheduler', 'lora_config',
-           'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig', 'compact_unet',
+           'PREDICTION_TYPES', 'BETA_SCHEDULES', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze', 'count_params',
+           'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion', 'noise_scheduler',
+           'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig', 'compact_unet',
            'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path', 'load_text_encoder', 'encode_text',
            'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
 
@@ -238,6 +238,7 @@ def load_lora(pipe: DiffusionPipeline,  # a `StableDiffusionPipeline` or `Lesion
 # %% ../nbs/04_model.ipynb #6fbb693c
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+ADDITION_EMBED_TYPES = (None, "text")
 
 @dataclass
 class CompactConfig:
@@ -255,6 +256,9 @@ class CompactConfig:
     text_encoder: str = "minilm"  # `minilm`, a local transformers folder or a Hub id of a BERT-like encoder
     max_text_tokens: int = 77  # tokens per caption incl. [CLS]/[SEP]; captions are padded or truncated to this, 2–512
     use_attention_mask: bool = True  # cross-attention ignores padding tokens
+    addition_embed_type: str|None = None  # None: text enters through cross-attention only; `text`: an attention-pooled
+    # caption embedding is also added to the time embedding, so the caption reaches every level (diffusers' name)
+    addition_embed_type_num_heads: int = 8  # heads of that attention pooling; divides `cross_attention_dim`
     prediction_type: str = "epsilon"  # what the UNet predicts: `epsilon` (noise) or `v_prediction`
     num_train_timesteps: int = 1000  # diffusion steps of the training schedule
     beta_schedule: str = "squaredcos_cap_v2"  # noise schedule: `squaredcos_cap_v2` (cosine), `linear` or `scaled_linear`
@@ -287,6 +291,11 @@ class CompactConfig:
         if self.beta_schedule not in BETA_SCHEDULES:
             raise LesionGenError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.num_train_timesteps < 2: raise LesionGenError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise LesionGenError(f"addition_embed_type must be one of {ADDITION_EMBED_TYPES}, got {self.addition_embed_type!r}")
+        h = self.addition_embed_type_num_heads
+        if self.addition_embed_type and (not isinstance(h, int) or h < 1 or self.cross_attention_dim % h):
+            raise LesionGenError(f"addition_embed_type_num_heads={h!r} must be a positive divisor of cross_attention_dim={self.cross_attention_dim}")
 
     @property
     def down_block_types(self) -> tuple[str, ...]:
@@ -313,7 +322,8 @@ def compact_unet(cfg: CompactConfig,  # the compact model's settings
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout)
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
+        addition_embed_type=cfg.addition_embed_type, addition_embed_type_num_heads=cfg.addition_embed_type_num_heads)
 
 def compact_noise_scheduler(cfg: CompactConfig,  # the compact model's settings
                            ) -> DDPMScheduler:  # the training scheduler (adds noise; also a 1000-step ancestral sampler)

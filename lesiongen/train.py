@@ -707,7 +707,10 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     out = Path(cfg.out)
     if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
     mixed = resolve_mixed_precision(cfg)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed,
+    # cpu=True on a machine without CUDA: only then does accelerate start the gloo process group under
+    # `torchrun`/`accelerate launch`, so that each CPU process gets its own rank
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed,
                               log_with=cfg.report_to,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     for note in checked["notes"]: logger.warning(note)

@@ -154,3 +154,30 @@ def test_accelerate_launch_one_process(inputs, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["step"] for r in read_loss(tmp_path / "run")] == [1, 2]
     assert (tmp_path / "run" / "checkpoint-2" / "rng-0.safetensors").is_file()
+
+
+def test_torchrun_two_cpu_processes_split_the_data(inputs, tmp_path):
+    "Under `torchrun --nproc_per_node 2` on a CPU each process has its own rank, and every step uses each image once"
+    from lesiongen.train import batch_indices, epoch_permutation
+    order = epoch_permutation(16, seed=0, epoch=0)
+    seen = torch.cat([batch_indices(order, b, 4, num_processes=2, process_index=r) for b in range(2) for r in range(2)])
+    assert sorted(seen.tolist()) == list(range(16))  # one epoch of 2 batches x 2 processes x 4 images: no duplicate, no gap
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, os, sys\nfrom accelerate import PartialState\nfrom lesiongen.train import TrainConfig, train\n"
+        f"train(TrainConfig.tiny(records={inputs['records']!r}, captions={inputs['captions']!r}, out={str(tmp_path / 'run')!r}, "
+        "max_train_steps=2, checkpointing_steps=2, validation_prompts=()))\n"
+        "s = PartialState()\n"
+        "print(json.dumps({'rank': s.process_index, 'world': s.num_processes, 'type': str(s.distributed_type)}))\n")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and {r["world"] for r in ranks} == {2}, ranks
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoint-2" / "state.json").read_text())
+    assert state["num_processes"] == 2
+    assert (run / "checkpoint-2" / "rng-0.safetensors").is_file() and (run / "checkpoint-2" / "rng-1.safetensors").is_file()
+    assert [r["step"] for r in read_loss(run)] == [1, 2]  # one loss row per step, written by the main process only
+    assert (run / "model_index.json").is_file()
