@@ -12,8 +12,8 @@ from . import __version__
 from .core import RESEARCH_ONLY, LesionGenError, atomic_write_json
 
 # %% auto #0
-__all__ = ['logger', 'PipelineConfig', 'run_stage', 'format_summary', 'run_pipeline', 'train_config_from_args', 'build_parser',
-           'main']
+__all__ = ['logger', 'PipelineConfig', 'run_stage', 'format_summary', 'run_pipeline', 'read_model_config',
+           'train_config_from_args', 'generate_config_from_args', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #2342e607
 logger = logging.getLogger(__name__)
@@ -186,6 +186,26 @@ _TRAIN_ARGS = {  # CLI option -> `TrainConfig` field, for options given on the c
     "validation_prompt": "validation_prompts", "num_validation_images": "num_validation_images",
     "seed": "seed", "num_threads": "num_threads", "report_to": "report_to"}
 
+def read_model_config(path: str,  # a JSON file: an object of `model.CompactConfig` fields
+                     ) -> dict:  # the fields, for `TrainConfig.model_config`
+    "Read `lesiongen train --model-config`: a JSON object of `CompactConfig` fields (not `resolution`/`prediction_type`)"
+    import dataclasses
+    from lesiongen.model import CompactConfig
+    p = Path(path)
+    if not p.is_file(): raise LesionGenError(f"model config file not found: {path}")
+    try: obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise LesionGenError(f"model config {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise LesionGenError(f"model config {path} must hold a JSON object of CompactConfig fields, got a {type(obj).__name__}")
+    known = [f.name for f in dataclasses.fields(CompactConfig)]  # read generically: the model may gain fields
+    if unknown := [k for k in obj if k not in known]:
+        raise LesionGenError(f"model config {path}: unknown CompactConfig field(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(known)})")
+    if own := [k for k in ("resolution", "prediction_type") if k in obj]:
+        raise LesionGenError(f"model config {path}: {', '.join(own)} is set with "
+                             + " / ".join(f"--{k.replace('_', '-')}" for k in own) + ", not in the file")
+    return obj
+
 def train_config_from_args(a) -> "TrainConfig":
     "Build the `TrainConfig` of `lesiongen train` from parsed arguments: the base's recipe, then the options given"
     from lesiongen.train import TrainConfig
@@ -195,6 +215,7 @@ def train_config_from_args(a) -> "TrainConfig":
         if key in given: given[key] = tuple(given[key])
     if a.no_gradient_checkpointing: given["gradient_checkpointing"] = False
     if a.no_progress: given["progress"] = False
+    if a.model_config is not None: given["model_config"] = read_model_config(a.model_config)
     if a.base == "compact": return TrainConfig.compact(**given)
     return TrainConfig.full_unet(**given) if a.full else TrainConfig(**given)
 
@@ -203,6 +224,32 @@ def _cmd_train(a) -> int:
     cfg = train_config_from_args(a)
     out = train(cfg)
     print(f"trained {cfg.base} for {cfg.max_train_steps} steps: {out}\n{RESEARCH_ONLY}")
+    return 0
+
+# %% ../nbs/11_cli.ipynb #e1a5c04b
+_GEN_ARGS = {  # CLI option -> `GenConfig` field, for options given on the command line
+    "model": "model", "records": "records", "out": "out", "plan": "plan", "n": "n", "weights": "weights",
+    "cf_attribute": "cf_attribute", "cf_values": "cf_values", "splits": "splits", "scheduler": "scheduler",
+    "steps": "num_inference_steps", "guidance": "guidance_scale", "negative_prompt": "negative_prompt", "seed": "seed",
+    "batch_size": "batch_size", "resolution": "resolution", "lora_base": "lora_base", "caption_seed": "caption_seed",
+    "num_threads": "num_threads"}
+
+def generate_config_from_args(a) -> "GenConfig":
+    "Build the `GenConfig` of `lesiongen generate` from parsed arguments"
+    from lesiongen.generate import GenConfig
+    given = {field: getattr(a, opt) for opt, field in _GEN_ARGS.items() if getattr(a, opt) is not None}
+    for key in ("splits", "cf_values"):
+        if key in given: given[key] = tuple(given[key])
+    if a.quiet: given["progress"] = False
+    return GenConfig(**given)
+
+def _cmd_generate(a) -> int:
+    from lesiongen.generate import generate
+    cfg = generate_config_from_args(a)
+    res = generate(cfg)
+    if res["is_main_process"]:
+        print(f"{res['n_images']} images of plan {cfg.plan} in {res['out']} ({res['n_generated']} rendered by this "
+              f"process now, {res['seconds']} s): images/, metadata.csv, README.md\n{RESEARCH_ONLY}")
     return 0
 
 # %% ../nbs/11_cli.ipynb #38e4cdbf
@@ -307,8 +354,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--num-threads", type=int, help="torch CPU threads")
     t.add_argument("--report-to", help="accelerate tracker: tensorboard, wandb, ...")
+    t.add_argument("--model-config", metavar="FILE.json",
+                   help="--base compact: a JSON object of model.CompactConfig fields (architecture, text encoder, ...)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=_cmd_train)
+
+    g = sub.add_parser("generate", help="render a synthetic dataset from a trained model and a plan (resumable)",
+                       description="Render the images of a plan with a trained model into a dataset folder (images/, "
+                                   "metadata.csv, plan.csv, config.json, README.md). A re-run with the same settings "
+                                   "completes it; other settings are refused. Under `accelerate launch` or `torchrun "
+                                   "--nproc_per_node P -- $(which lesiongen) generate ...` (the `--` keeps torchrun from "
+                                   "reading --n) the plan is split across processes. " + RESEARCH_ONLY)
+    g.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="a compact run (lesiongen train --base compact), a Stable Diffusion folder, or a LoRA run")
+    g.add_argument("--records", help="records.csv the plan draws from (its training split)")
+    g.add_argument("--plan", default="empirical", metavar="PLAN",
+                   help="empirical, balanced, targeted, counterfactual, or a CSV file of prompts/attributes (default: %(default)s)")
+    g.add_argument("--n", type=int, help="images (counterfactual: lesions, n x 6 images; CSV: images per row, default 1)")
+    g.add_argument("--out", required=True, metavar="SYN_DIR", help="dataset folder to write or complete")
+    g.add_argument("--weights", metavar="FILE.json", help='targeted: group weights, e.g. {"fitzpatrick=6": 2, "fitzpatrick=5,dx=mel": 1}')
+    g.add_argument("--cf-attribute", help="counterfactual: the attribute varied (default: fitzpatrick)")
+    g.add_argument("--cf-values", nargs="+", help="counterfactual: its values (default: 1-6 / all diagnoses / the concept's values)")
+    g.add_argument("--splits", nargs="+", help="record splits to draw from (default: train)")
+    g.add_argument("--scheduler", choices=("dpmpp", "dpmpp_sde", "ddim", "euler"), help="sampler (default: dpmpp_sde for the compact model, dpmpp for Stable Diffusion)")
+    g.add_argument("--steps", type=int, help="sampler steps (default: 25)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance (default: 3 compact, 7.5 Stable Diffusion)")
+    g.add_argument("--negative-prompt", help="unconditional caption of guidance (default: empty)")
+    g.add_argument("--seed", type=int, help="dataset seed (default: 0)")
+    g.add_argument("--batch-size", type=int, help="images per forward pass and per resumable chunk (default: 16)")
+    g.add_argument("--resolution", type=int, help="image side, px (default: the model's)")
+    g.add_argument("--lora-base", help="LoRA runs without config.json (diffusers' script): the SD base")
+    g.add_argument("--caption-seed", type=int, help="phrasing seed of the captions (default: 0, as training captions)")
+    g.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.set_defaults(fn=_cmd_generate)
     return p
 
 # %% ../nbs/11_cli.ipynb #0e751f6b

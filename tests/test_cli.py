@@ -190,3 +190,85 @@ def test_train_bad_input_named(tmp_path):
     p = run("train", "--records", records, "--captions", tmp_path / "empty.jsonl", "--out", tmp_path / "run",
             "--base", "compact", check=False)
     assert p.returncode == 2 and "caption" in p.stderr.lower()
+
+
+def _tiny_compact_model(path):
+    "Save an untrained tiny compact model as `lesiongen train --base compact` saves a run's weights"
+    import torch
+    from lesiongen.model import CompactConfig, compact_pipeline
+    torch.manual_seed(0)
+    compact_pipeline(CompactConfig.tiny()).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _error_line(p):
+    "The error of a failed command: its last stderr line (earlier lines are third-party import warnings)"
+    assert "Traceback" not in p.stderr, p.stderr
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_generate_then_curate_from_the_command_line(tmp_path):
+    records = _curated(tmp_path, n=60)
+    model = _tiny_compact_model(tmp_path / "model")
+    assert "--plan" in run("generate", "--help").stdout and "generate" in run("--help").stdout
+    syn = tmp_path / "syn"
+    p = run("generate", "--model", model, "--records", records, "--plan", "balanced", "--n", 12, "--out", syn,
+            "--steps", 2, "--batch-size", 4, "--seed", 3, "--quiet")
+    assert "not for clinical use" in p.stdout and "12 images" in p.stdout
+    meta = pd.read_csv(syn / "metadata.csv")
+    assert len(meta) == 12 and set(meta["steps"]) == {2} and meta["fitzpatrick"].between(1, 6).all()
+    assert sorted(f.name for f in (syn / "images").iterdir()) == sorted(Path(f).name for f in meta["file_name"])
+    assert json.loads((syn / "config.json").read_text())["seed"] == 3
+    p = run("curate", "--dataset", "folder", "--root", syn, "--csv", "metadata.csv", "--image-col", "file_name",
+            "--label-col", "dx", "--lesion-col", "lesion_id", "--fitzpatrick-col", "fitzpatrick", "--out", tmp_path / "cur2")
+    rec = pd.read_csv(tmp_path / "cur2" / "records.csv")
+    assert len(rec) == 12 and sorted(rec["dx"]) == sorted(meta["dx"])
+    p = run("generate", "--model", model, "--records", records, "--plan", "balanced", "--n", 12, "--out", syn,
+            "--steps", 2, "--batch-size", 4, "--seed", 4, "--quiet", check=False)
+    assert p.returncode == 2 and "seed: 3 -> 4" in _error_line(p)
+
+
+def test_generate_bad_input_named(tmp_path):
+    records = _curated(tmp_path, n=24)
+    model = _tiny_compact_model(tmp_path / "model")
+    common = ["generate", "--records", records, "--out", tmp_path / "syn"]
+    for extra, match in ((["--model", tmp_path, "--n", 4], "not a lesiongen/diffusers model"),
+                         (["--model", model, "--n", 0], "n must be a positive integer"),
+                         (["--model", model, "--n", 4, "--guidance", -1], "guidance_scale"),
+                         (["--model", model, "--n", 4, "--plan", "counterfactual", "--cf-values", "1", "8"], "unknown skin type '8'")):
+        p = run(*common, *extra, check=False)
+        assert p.returncode == 2 and match in _error_line(p), p.stderr
+    assert not (tmp_path / "syn").exists()
+
+
+def test_train_model_config(tmp_path):
+    records = _curated(tmp_path, n=24, fmt="ham10000")
+    run("caption", "--records", records, "--style", "short", "--max-tokens", 77, "--out", tmp_path / "c.jsonl", "--quiet")
+    common = ["train", "--records", records, "--captions", tmp_path / "c.jsonl", "--base", "compact", "--max-steps", 1,
+              "--batch-size", 4, "--checkpointing-steps", 1, "--num-validation-images", 1,
+              "--validation-prompt", "dermoscopy image of a melanoma", "--no-progress"]
+    from lesiongen.cli import read_model_config
+    from lesiongen.core import LesionGenError
+    mc = tmp_path / "model.json"
+    for content, match in (("{not json", "is not valid JSON"), ("[16, 32]", "must hold a JSON object"),
+                           ('{"block_out_channels": [16, 32], "atention_levels": [false, true], "heads": 2}',
+                            "unknown CompactConfig field(s) 'atention_levels', 'heads'"),
+                           ('{"resolution": 64}', "--resolution"), ('{"prediction_type": "epsilon"}', "--prediction-type")):
+        mc.write_text(content)
+        with pytest.raises(LesionGenError, match=re.escape(match)) as e:
+            read_model_config(str(mc))
+        assert str(mc) in str(e.value)
+    with pytest.raises(LesionGenError, match="model config file not found"):
+        read_model_config(str(tmp_path / "none.json"))
+    p = run(*common, "--out", tmp_path / "bad", "--model-config", mc, check=False)  # and from the command line
+    assert p.returncode == 2 and "--prediction-type" in _error_line(p) and str(mc) in _error_line(p), p.stderr
+    mc.write_text(json.dumps({"block_out_channels": [16, 32], "attention_levels": [False, True], "attention_head_dim": 2,
+                              "norm_num_groups": 8}))
+    p = run("train", "--records", records, "--captions", tmp_path / "c.jsonl", "--base", "/no/sd", "--out", tmp_path / "bad",
+            "--model-config", mc, check=False)
+    assert p.returncode == 2 and "compact" in _error_line(p)  # a model config applies to --base compact only
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    run(*common, "--out", out, "--model-config", mc)
+    assert json.loads((out / "config.json").read_text())["model_config"]["block_out_channels"] == [16, 32]
+    assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
