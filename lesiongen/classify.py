@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .core import LesionGenError, RESEARCH_ONLY, DERM7PT_CONCEPTS, atomic_write_json, atomic_write_text
 from .data import read_records, unsafe_path_reason, is_missing
-from .train import load_image, data_root_of
+from .train import load_image, data_root_of, resize_crop
 
 # %% auto #0
 __all__ = ['logger', 'JUDGE_ATTRIBUTES', 'SCRATCH_BACKBONES', 'NORMALISATIONS', 'backbone_kind', 'JudgeConfig',
@@ -344,17 +344,7 @@ def _resize_uint8(im: torch.Tensor, resolution: int) -> torch.Tensor:
     if im.shape[1] == resolution and im.shape[2] == resolution: return im
     return _pil_to_tensor(Image.fromarray(im.permute(1, 2, 0).numpy()), resolution)
 
-def _pil_to_tensor(im, resolution: int) -> torch.Tensor:
-    from PIL import Image
-    im = im.convert("RGB")
-    w, h = im.size
-    if (w, h) != (resolution, resolution):
-        s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
-        w, h = im.size
-        l, t = (w - resolution) // 2, (h - resolution) // 2
-        im = im.crop((l, t, l + resolution, t + resolution))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+def _pil_to_tensor(im, resolution: int) -> torch.Tensor: return resize_crop(im, resolution)
 
 def as_image_batch(images,          # list of PIL images, uint8 array [N, H, W, 3] or uint8 tensor [N, 3, H, W]
                    resolution: int, # px

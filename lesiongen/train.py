@@ -29,7 +29,7 @@ __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'D
            'CHECKPOINT_RE', 'LOSS_FIELDS', 'TrainConfig', 'data_root_of', 'check_base', 'check_inputs',
            'list_checkpoints', 'rng_state', 'set_rng_state', 'optimizer_state', 'optimizer_state_dict',
            'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'resolve_mixed_precision', 'compact_config',
-           'trainable_names', 'downsampling_factor', 'load_components', 'load_image', 'prepare_dataset',
+           'trainable_names', 'downsampling_factor', 'load_components', 'resize_crop', 'load_image', 'prepare_dataset',
            'to_unit_range', 'encode_latents', 'encode_prompts', 'epoch_permutation', 'batch_indices', 'make_batch',
            'compute_loss', 'training_step', 'image_grid', 'validation_pipeline', 'log_validation', 'read_loss',
            'plot_loss', 'save_outputs', 'train']
@@ -445,18 +445,25 @@ def load_components(cfg: TrainConfig,
                 infer_scheduler=infer_scheduler, compact_config=ccfg)
 
 # %% ../nbs/05_train.ipynb #9569d872
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    "Read `path` as a uint8 [3, `resolution`, `resolution`] tensor: shorter side resized, centre-cropped"
+def resize_crop(im: "PIL.Image.Image",  # any PIL image
+                resolution: int,        # side of the result, px
+               ) -> torch.Tensor:       # uint8 [3, resolution, resolution]
+    "Convert `im` to RGB, resize its shorter side to `resolution` and centre-crop it, as a uint8 tensor"
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
+    im = im.convert("RGB")
+    w, h = im.size
+    if (w, h) != (resolution, resolution):
         s = resolution / min(w, h)
         im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
         w, h = im.size
         l, t = (w - resolution) // 2, (h - resolution) // 2
         im = im.crop((l, t, l + resolution, t + resolution))
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    "Read `path` as a uint8 [3, `resolution`, `resolution`] tensor: shorter side resized, centre-cropped"
+    from PIL import Image
+    with Image.open(path) as im: return resize_crop(im, resolution)
 
 def prepare_dataset(records,                 # training records (`check_inputs`)
                     root: Path,              # dataset root
