@@ -407,7 +407,6 @@ def test_stable_diffusion_and_lora_folders(records, tiny_sd, tmp_path):
     assert pngs(tmp_path / "script") == pngs(tmp_path / "lora")
 
 
-@pytest.mark.slow
 def test_two_processes_cover_the_plan_once(records, tiny_model, tmp_path):
     "`torchrun --nproc_per_node 2 -- lesiongen generate`: every chunk once, images byte-equal to a single-process run"
     # the `--` keeps torchrun's own parser from reading `--n` (an ambiguous prefix of its options) as its own
