@@ -85,11 +85,11 @@ def main(argv=None):
                     rep = adherence(judges, imgs, plan, ref)
                     cimgs, _ = render(pipe, cf, sched, int(steps), g, a.batch)
                     cc = counterfactual_control(judges, cimgs, cf).iloc[0]
-                    t = rep.table.set_index("attribute")
+                    t, summary = rep.table.set_index("attribute"), rep.summary()
                     row = dict(model=run.name, step=step, sampler=spec, guidance=g, img_s=round(ips, 1),
                                dx_rel=t.loc["dx", "relative_balanced"], dx_bal=t.loc["dx", "balanced_agreement"],
                                fitz_within1=t.loc["fitzpatrick", "within_one"], fitz_bal=t.loc["fitzpatrick", "balanced_agreement"],
-                               ita_in_group=rep.summary().get("ita_in_group"), ita_within1=rep.summary().get("ita_within_one"),
+                               ita_in_group=summary.get("ita_in_group"), ita_within1=summary.get("ita_within_one"),
                                cf_ita_order=cc["ita_order_pairs"], cf_dx_stays=cc.get("stays[dx]"))
                     row.update({f"{c}_pres": t.loc[c + ":presence", "relative_balanced"] for c in DERM7PT_CONCEPTS
                                 if c + ":presence" in t.index})

@@ -19,7 +19,7 @@ from .core import (DERM7PT_CONCEPTS, DX_NAMES, ELEVATIONS, FITZPATRICK_ROMAN, RE
                             LesionGenError, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text,
                             canonical_dx, seven_point_score)
 from . import captions as _captions
-from .data import is_missing, read_records
+from .data import is_missing, read_csv_checked, read_records
 # `lesiongen.model` (diffusers) is imported where a model is loaded: plans and input checks answer without it
 
 # %% auto #0
@@ -468,11 +468,7 @@ def csv_plan(path: str|Path,  # a CSV file of prompts and/or attributes
             ) -> pd.DataFrame:  # the plan, row-major: the n copies of CSV row 1, then of row 2, ...
     "Plan the images listed in the CSV file `path`"
     path = Path(path)
-    if not path.is_file(): raise LesionGenError(f"plan file not found: {path}")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise LesionGenError(f"plan file {path} is not a readable CSV: {e}") from e
-    df.columns = [c.strip() for c in df.columns]
+    df = read_csv_checked(path)
     if unknown := [c for c in df.columns if c not in CSV_PLAN_COLUMNS]:
         raise LesionGenError(f"plan file {path} has unknown column(s) {unknown}; a plan may have {CSV_PLAN_COLUMNS}")
     if not len(df): raise LesionGenError(f"plan file {path} has no rows")

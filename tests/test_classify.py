@@ -14,13 +14,7 @@ from lesiongen.data import curate, read_records
 from lesiongen.phantom import PhantomConfig, write_phantom
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Small CNNs on a shared 2-core machine: more threads than free cores slow torch down many times"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ LESIONGEN = str(BIN / "lesiongen")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as the in-process runs (and as torchrun's default)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy 2-core machine, OpenMP synchronisation costs more than a second thread gains
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from lesiongen.core import LesionGenError
 PROMPTS = ["dermoscopy image of a melanoma, atypical pigment network", "dermoscopy image of a melanocytic nevus"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy 2-core machine, OpenMP synchronisation costs more than a second thread gains
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture of conftest.py
 
 
 def _train_lora_steps(pipe, steps=2, rank=4, seed=0):
