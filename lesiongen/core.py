@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #9c0d902a
 from __future__ import annotations
-import json, math, os, tempfile
+import contextlib, json, math, os, shutil, tempfile
 from pathlib import Path
 from typing import Iterable
 
 # %% auto #0
 __all__ = ['DX_NAMES', 'DERM7PT_DIAGNOSIS_MAP', 'DERM7PT_GROUPS', 'DERM7PT_CONCEPTS', 'SEVEN_POINT_WEIGHTS', 'ELEVATIONS',
            'ITA_BINS', 'ITA_CATEGORIES', 'FITZPATRICK_ROMAN', 'ITA_CENTERS', 'RECORD_COLUMNS', 'SPLITS', 'SEXES',
-           'MISSING_TOKENS', 'RESEARCH_ONLY', 'LesionGenError', 'canonical_dx', 'seven_point_score', 'ita_from_lab',
-           'fitzpatrick_from_ita', 'lab_for_fitzpatrick', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'atomic_write_csv']
+           'MISSING_TOKENS', 'TEMP_MARK', 'RESEARCH_ONLY', 'LesionGenError', 'canonical_dx', 'seven_point_score',
+           'ita_from_lab', 'fitzpatrick_from_ita', 'lab_for_fitzpatrick', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'atomic_write_csv', 'append_line', 'repair_torn_tail', 'publish_dir', 'remove_temps']
 
 # %% ../nbs/00_core.ipynb #9a794f09
 class LesionGenError(ValueError):
@@ -163,6 +163,54 @@ def atomic_write_csv(path: str|Path,  # destination `.csv`
                     ) -> Path:
     "Write the DataFrame `df` to `path` atomically, without its index"
     return atomic_write_text(path, df.to_csv(index=False))
+
+# %% ../nbs/00_core.ipynb #87b895bb
+def append_line(path: str|Path,  # an append-only text log (e.g. `loss.csv`)
+                line: str,        # one line, without its newline
+               ) -> None:
+    "Append `line` and a newline to `path`, flushed and fsynced before returning"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n"); f.flush(); os.fsync(f.fileno())
+
+def repair_torn_tail(path: str|Path) -> int:
+    "Cut a torn last line (no trailing newline, left by a kill mid-append) off `path`; returns the bytes removed"
+    path = Path(path)
+    if not path.is_file(): return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"): return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep); f.flush(); os.fsync(f.fileno())
+    return len(data) - keep
+
+# %% ../nbs/00_core.ipynb #a934c893
+TEMP_MARK = ".tmp-"  # part of every temp name `publish_dir` uses; leftovers carry it and are safe to delete
+
+@contextlib.contextmanager
+def publish_dir(path: str|Path,  # the folder to publish (replaced if it exists)
+               ):
+    "Context manager: yields a temp folder next to `path`; on success it replaces `path` by rename, on error it is removed"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}"))
+    try:
+        yield tmp
+        old = path.parent/f".{path.name}{TEMP_MARK}old-{tmp.name.rsplit('-', 1)[-1]}"
+        if path.exists(): os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
+    return path
+
+def remove_temps(folder: str|Path) -> list[str]:
+    "Delete the temp files and folders an interrupted run left in `folder` (names from `publish_dir`/`atomic_write_bytes`)"
+    gone = []
+    for p in Path(folder).glob(".*"):
+        if TEMP_MARK in p.name or p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return sorted(gone)
 
 # %% ../nbs/00_core.ipynb #28db83f8
 RESEARCH_ONLY = ("Research use only, not for clinical use: lesiongen's images, models and reports are not "
