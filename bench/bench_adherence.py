@@ -11,7 +11,7 @@ whose ITA falls from type i to type j > i, the diagnosis staying put across skin
 agreement. Targets of issue 7 (32 px): relative dx adherence >= 0.9, Fitzpatrick within +-1 >= 0.9, ITA order >= 0.95.
 
 Usage: python bench/bench_adherence.py --records R --judges J --models RUN [RUN ...] [--checkpoints]
-         [--samplers dpmpp:25 dpmpp:10 dpmpp_sde:25] [--guidance 3] [--n 420] [--cf 40] [--out DIR]
+         [--samplers dpmpp:25 dpmpp:10 dpmpp_sde:25] [--guidance 3] [--intervals 0:1 0.2:0.8] [--n 420] [--cf 40] [--out DIR]
 """
 import argparse, dataclasses, json, logging, time
 from pathlib import Path
@@ -42,13 +42,15 @@ def pipeline_at(run: Path, checkpoint: Path|None):
     return pipe
 
 
-def render(pipe, plan: pd.DataFrame, scheduler: str, steps: int, guidance: float, batch: int) -> tuple[list, float]:
+def render(pipe, plan: pd.DataFrame, scheduler: str, steps: int, guidance: float, batch: int,
+           guidance_interval: tuple = (0.0, 1.0)) -> tuple[list, float]:
     "Render the plan's captions with their seeds; return the images and img/s (wall-clock of sampling only)"
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, pixel_space=True)
     images, t0 = [], time.perf_counter()
     for i in range(0, len(plan), batch):
         part = plan.iloc[i:i + batch]
-        images += sample_images(pipe, list(part["text"]), list(part["seed"]), num_inference_steps=steps, guidance_scale=guidance)
+        images += sample_images(pipe, list(part["text"]), list(part["seed"]), num_inference_steps=steps, guidance_scale=guidance,
+                                guidance_interval=guidance_interval)
     return images, len(plan) / (time.perf_counter() - t0)
 
 
@@ -59,6 +61,8 @@ def main(argv=None):
     p.add_argument("--checkpoints", action="store_true", help="also score every checkpoint-{step} (EMA weights)")
     p.add_argument("--samplers", nargs="+", default=["dpmpp:25"], help="scheduler:steps, e.g. dpmpp:25 dpmpp_sde:10")
     p.add_argument("--guidance", nargs="+", type=float, default=[3.0])
+    p.add_argument("--intervals", nargs="+", default=["0:1"],
+                   help="guidance intervals lo:hi (shares of the noise schedule), e.g. 0:1 0.2:0.8")
     p.add_argument("--n", type=int, default=420, help="images of the balanced plan")
     p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
     p.add_argument("--batch", type=int, default=64); p.add_argument("--seed", type=int, default=0)
@@ -80,13 +84,13 @@ def main(argv=None):
             pipe = pipeline_at(run, ckpt)
             for spec in a.samplers:
                 sched, steps = spec.split(":")
-                for g in a.guidance:
-                    imgs, ips = render(pipe, plan, sched, int(steps), g, a.batch)
+                for g, iv in [(g, tuple(map(float, iv.split(":")))) for g in a.guidance for iv in a.intervals]:
+                    imgs, ips = render(pipe, plan, sched, int(steps), g, a.batch, iv)
                     rep = adherence(judges, imgs, plan, ref)
-                    cimgs, _ = render(pipe, cf, sched, int(steps), g, a.batch)
+                    cimgs, _ = render(pipe, cf, sched, int(steps), g, a.batch, iv)
                     cc = counterfactual_control(judges, cimgs, cf).iloc[0]
                     t, summary = rep.table.set_index("attribute"), rep.summary()
-                    row = dict(model=run.name, step=step, sampler=spec, guidance=g, img_s=round(ips, 1),
+                    row = dict(model=run.name, step=step, sampler=spec, guidance=g, interval="{:g}-{:g}".format(*iv), img_s=round(ips, 1),
                                dx_rel=t.loc["dx", "relative_balanced"], dx_bal=t.loc["dx", "balanced_agreement"],
                                fitz_within1=t.loc["fitzpatrick", "within_one"], fitz_bal=t.loc["fitzpatrick", "balanced_agreement"],
                                ita_in_group=summary.get("ita_in_group"), ita_within1=summary.get("ita_within_one"),
@@ -96,7 +100,7 @@ def main(argv=None):
                     rows.append(row)
                     print(pd.DataFrame([row]).round(3).to_string(index=False), flush=True)
                     if a.out:
-                        d = Path(a.out) / f"{run.name}-{step}-{spec.replace(':', '')}-g{g}"
+                        d = Path(a.out) / f"{run.name}-{step}-{spec.replace(':', '')}-g{g}-i{iv[0]:g}-{iv[1]:g}"
                         d.mkdir(parents=True, exist_ok=True); rep.save(d)
     table = pd.DataFrame(rows)
     print("\n" + table.round(3).to_string(index=False))

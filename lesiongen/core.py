@@ -13,7 +13,8 @@ __all__ = ['DX_NAMES', 'DERM7PT_DIAGNOSIS_MAP', 'DERM7PT_GROUPS', 'DERM7PT_CONCE
            'ITA_BINS', 'ITA_CATEGORIES', 'FITZPATRICK_ROMAN', 'ITA_CENTERS', 'RECORD_COLUMNS', 'SPLITS', 'SEXES',
            'MISSING_TOKENS', 'TEMP_MARK', 'RESEARCH_ONLY', 'LesionGenError', 'canonical_dx', 'seven_point_score',
            'ita_from_lab', 'fitzpatrick_from_ita', 'lab_for_fitzpatrick', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'atomic_write_csv', 'append_line', 'repair_torn_tail', 'publish_dir', 'remove_temps']
+           'atomic_write_json', 'atomic_write_csv', 'append_line', 'repair_torn_tail', 'publish_dir', 'remove_temps',
+           'check_guidance_interval']
 
 # %% ../nbs/00_core.ipynb #9a794f09
 class LesionGenError(ValueError):
@@ -211,6 +212,16 @@ def remove_temps(folder: str|Path) -> list[str]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             gone.append(p.name)
     return sorted(gone)
+
+# %% ../nbs/00_core.ipynb #617e8da9
+def check_guidance_interval(interval,  # (lo, hi): shares of the training noise schedule, 0 <= lo < hi <= 1
+                           ) -> tuple[float, float]:
+    "Validate a classifier-free guidance interval and return it as a tuple of two floats"
+    try: lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError): raise LesionGenError(f"guidance_interval must be two numbers (lo, hi), got {interval!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi <= 1):
+        raise LesionGenError(f"guidance_interval must satisfy 0 <= lo < hi <= 1, got {interval!r}")
+    return lo, hi
 
 # %% ../nbs/00_core.ipynb #28db83f8
 RESEARCH_ONLY = ("Research use only, not for clinical use: lesiongen's images, models and reports are not "

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .core import (DERM7PT_CONCEPTS, DX_NAMES, ELEVATIONS, FITZPATRICK_ROMAN, RESEARCH_ONLY, SEXES,
                             LesionGenError, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text,
-                            canonical_dx, seven_point_score)
+                            canonical_dx, check_guidance_interval, seven_point_score)
 from . import captions as _captions
 from .data import is_missing, read_csv_checked, read_records
 # `lesiongen.model` (diffusers) is imported where a model is loaded: plans and input checks answer without it
@@ -60,6 +60,7 @@ class GenConfig:
     num_inference_steps: int = 25   # sampler steps per image, >= 1
     guidance_scale: float|None = None  # classifier-free guidance w, >= 0 (<= 1: none); None: 3.0 compact, 7.5 Stable Diffusion
     negative_prompt: str = ""       # unconditional caption of guidance ("" as in training's caption dropout)
+    guidance_interval: tuple = (0.0, 1.0)  # guide only at noise levels t/T in [lo, hi] (Kynkäänniemi et al. 2024); (0, 1): every step
     seed: int = 0                   # dataset seed, >= 0: the plan's draws and every image's seed derive from it
     batch_size: int = 16            # images per forward pass and per resumable chunk, >= 1
     resolution: int|None = None     # image side, px; None: the model's training resolution
@@ -82,6 +83,7 @@ class GenConfig:
         if self.guidance_scale is not None and (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
                                                 or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0):
             bad("guidance_scale", "a number >= 0 or None")
+        self.guidance_interval = check_guidance_interval(self.guidance_interval)
         if not pos_int(self.batch_size): bad("batch_size", "a positive integer")
         if self.resolution is not None and not pos_int(self.resolution): bad("resolution", "a positive integer or None")
         for name in ("seed", "caption_seed"):
@@ -629,6 +631,14 @@ def make_scheduler(name: str,  # one of `SCHEDULERS`
     return (DDIMScheduler if name == "ddim" else EulerDiscreteScheduler).from_config(scheduler.config)
 
 # %% ../nbs/07_generate.ipynb #6934e153
+def _interval_callback(guided: list[bool], guidance_scale: float, pos, neg):
+    "A `callback_on_step_end` that switches Stable Diffusion's guidance on and off so step i+1 is guided iff `guided[i+1]`"
+    def callback(pipe, i, t, kw):
+        on = i + 1 < len(guided) and guided[i + 1]
+        pipe._guidance_scale = guidance_scale if on else 1.0
+        return {"prompt_embeds": torch.cat([neg, pos]) if on else pos}
+    return callback
+
 @torch.no_grad()
 def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`load_pipeline`)
                   texts: Sequence[str],  # one caption per image
@@ -637,10 +647,12 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
                   guidance_scale: float = 3.0,  # classifier-free guidance w; <= 1: none
                   negative_prompt: str = "",  # unconditional caption
                   resolution: int|None = None,  # px; None: the model's
+                  guidance_interval: tuple = (0.0, 1.0),  # guide only the steps whose noise level t/T lies in [lo, hi]
                  ) -> list:  # PIL images, one per caption
     "Render one image per caption in `texts`, image i from its own generator seeded with `seeds[i]`"
     from lesiongen import model as _model
     if len(texts) != len(seeds): raise LesionGenError(f"{len(texts)} captions but {len(seeds)} seeds")
+    interval = check_guidance_interval(guidance_interval)
     device = pipe._execution_device
     uniq = list(dict.fromkeys(texts))
     pos = torch.tensor([uniq.index(t) for t in texts])
@@ -652,18 +664,30 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
         if cfg:
             nemb, nmask = pipe.encode_prompt([negative_prompt], device)
             kw.update(negative_prompt_embeds=nemb.expand(b, -1, -1), negative_prompt_attention_mask=nmask.expand(b, -1))
+            if interval != (0.0, 1.0): kw["guidance_interval"] = interval
         size = resolution or pipe.unet.config.sample_size
-    else:
-        emb, _ = pipe.encode_prompt(uniq, device, 1, False)
-        kw = dict(prompt_embeds=emb[pos])
-        if cfg: kw["negative_prompt_embeds"] = pipe.encode_prompt([negative_prompt], device, 1, False)[0].expand(b, -1, -1)
-        size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gens,
+                    height=size, width=size, output_type="pil", **kw).images
+    emb, _ = pipe.encode_prompt(uniq, device, 1, False)
+    kw = dict(prompt_embeds=emb[pos])
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if cfg:
+        neg = pipe.encode_prompt([negative_prompt], device, 1, False)[0].expand(b, -1, -1)
+        kw["negative_prompt_embeds"] = neg
+        if interval != (0.0, 1.0):
+            # diffusers' dynamic-guidance pattern: the step-end callback sets the next step's guidance and embeddings
+            pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+            guided = _model.guided_steps(pipe.scheduler.timesteps, pipe.scheduler.config.num_train_timesteps, interval)
+            kw = dict(prompt_embeds=kw["prompt_embeds"], negative_prompt_embeds=neg,
+                      callback_on_step_end=_interval_callback(guided, guidance_scale, kw["prompt_embeds"], neg),
+                      callback_on_step_end_tensor_inputs=["prompt_embeds"])
+            guidance_scale = guidance_scale if guided[0] else 1.0
     return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gens,
                 height=size, width=size, output_type="pil", **kw).images
 
 # %% ../nbs/07_generate.ipynb #280244a7
 META_COLUMNS: tuple[str, ...] = ("file_name", "image_id", "lesion_id", "dx", "fitzpatrick", *DERM7PT_CONCEPTS, "text",
-                                 "seed", "scheduler", "steps", "guidance", "model", "model_hash", "plan")  # first columns of metadata.csv
+                                 "seed", "scheduler", "steps", "guidance", "guidance_interval", "model", "model_hash", "plan")  # first columns of metadata.csv
 UNBOUND: tuple[str, ...] = ("out", "progress", "lora_base", "num_threads")  # GenConfig fields a re-run may change (lora_base is in the model hash)
 
 def _plan_label(cfg: GenConfig) -> str: return cfg.plan if cfg.plan in PLANS else f"csv:{Path(cfg.plan).name}"
@@ -750,6 +774,7 @@ def metadata(plan: pd.DataFrame, cfg: GenConfig, checked: dict) -> pd.DataFrame:
     "The `metadata.csv` table of a finished dataset: the plan with the sampler and model of every image"
     meta = plan.drop(columns=["plan_index"]).assign(
         scheduler=checked["scheduler"], steps=cfg.num_inference_steps, guidance=checked["guidance"],
+        guidance_interval="{:g}-{:g}".format(*cfg.guidance_interval),
         model=str(Path(cfg.model).resolve()), model_hash=checked["model_hash"], plan=_plan_label(cfg))
     return meta[[*META_COLUMNS, *[c for c in meta.columns if c not in META_COLUMNS]]]
 
@@ -779,7 +804,8 @@ def dataset_card(meta: pd.DataFrame, cfg: GenConfig, checked: dict) -> str:
         f"| plan | `{_plan_label(cfg)}`: {desc} |",
         f"| model | `{Path(cfg.model).resolve()}` ({checked['kind']}{', base ' + str(checked['base']) if checked['base'] else ''}), "
         f"sha256 `{checked['model_hash'][:16]}…` |",
-        f"| sampler | `{checked['scheduler']}`, {cfg.num_inference_steps} steps, guidance {checked['guidance']}, "
+        f"| sampler | `{checked['scheduler']}`, {cfg.num_inference_steps} steps, guidance {checked['guidance']} "
+        f"at noise levels t/T in [{cfg.guidance_interval[0]:g}, {cfg.guidance_interval[1]:g}], "
         f"negative prompt {cfg.negative_prompt!r}, batches of {cfg.batch_size} |",
         f"| seeds | dataset seed {cfg.seed}; every image's seed is in `metadata.csv` |",
         f"| captions | lesiongen's template captions (style short, {cfg.caption_tokenizer} {cfg.caption_max_tokens}-token budget, "
@@ -841,7 +867,7 @@ def generate(cfg: GenConfig,  # the dataset settings
             for c in todo:
                 rows = plan.iloc[list(chunk_rows(len(plan), bs, c))]
                 images = sample_images(pipe, rows["text"].tolist(), rows["seed"].tolist(), cfg.num_inference_steps,
-                                       checked["guidance"], cfg.negative_prompt, cfg.resolution)
+                                       checked["guidance"], cfg.negative_prompt, cfg.resolution, cfg.guidance_interval)
                 for f, im in zip(rows["file_name"], images): atomic_write_bytes(out / f, png_bytes(im))
                 bar.update(len(rows))
         finally:

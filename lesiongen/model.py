@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_model.ipynb #c6aa9fc0
 from __future__ import annotations
-import inspect, logging, os, re, tempfile
+import inspect, logging, math, os, re, tempfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,17 +17,17 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput, convert_state_dict_to_diffusers
 from diffusers.utils.torch_utils import randn_tensor
 
-from .core import LesionGenError, RESEARCH_ONLY
+from .core import LesionGenError, RESEARCH_ONLY, check_guidance_interval
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'SD14_ID', 'SD14_SCHEDULER', 'PAPER_LORA_TARGETS', 'LORA_WEIGHT_NAME', 'SD14_UNET_CONFIG',
+__all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA_TARGETS', 'LORA_WEIGHT_NAME', 'SD14_UNET_CONFIG',
            'PREDICTION_TYPES', 'BETA_SCHEDULES', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze', 'count_params',
            'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion', 'noise_scheduler',
            'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig', 'compact_unet',
            'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path', 'load_text_encoder', 'encode_text',
-           'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
+           'guided_steps', 'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
 
 # %% ../nbs/04_model.ipynb #a1567663
 def default_dtype(device: str|torch.device|None = None,  # target device; None: the CPU
@@ -70,6 +70,21 @@ def looks_local(name: str|os.PathLike,  # a Hub id (`org/name`) or a filesystem 
     first = s.split("/")[0]
     return "/" in s and os.path.isdir(first)  # e.g. `runs/sd` where `runs/` exists
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weight files that unpickle (and so may run code) when loaded
+
+def _refuse_pickles(folder: Path, what: str = "model") -> None:
+    "Raise when `folder`, or one of its component subfolders, holds pickle weights and no `.safetensors` file"
+    for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        files = [f for f in d.iterdir() if f.is_file()]
+        if any(f.suffix == ".safetensors" for f in files): continue
+        if pickles := sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES):
+            raise LesionGenError(f"{what} folder {str(folder)!r} holds pickle weights only ({(d.relative_to(folder)/pickles[0]).as_posix()}); "
+                                 "lesiongen loads safetensors weights only: convert them to .safetensors")
+
+def _first_line(e: BaseException) -> str:
+    "The first line of an exception's message (library errors often span several)"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
 def _check_local(name, what: str = "model", marker: str|None = None) -> Path|None:
     "Return `name` as a Path when it is local (raising if it is missing), None when it is a Hub id"
     if not looks_local(name): return None
@@ -86,13 +101,15 @@ def load_stable_diffusion(base: str|os.PathLike = SD14_ID,  # Hub id or local di
                          ) -> StableDiffusionPipeline:  # frozen pipeline (VAE, text encoder and UNet without gradients)
     "Load the Stable Diffusion pipeline `base` without its safety checker, frozen, from safetensors only"
     local = _check_local(base, "base model", marker="model_index.json")
+    if local is not None: _refuse_pickles(local, "base model")
     dtype = torch_dtype or default_dtype(device)
     _warn_cpu_half(dtype, device)
     kw = {_DTYPE_KW: dtype, "use_safetensors": True, "safety_checker": None, "requires_safety_checker": False}
     if local is not None: kw["local_files_only"] = True
     try: pipe = StableDiffusionPipeline.from_pretrained(str(local or base), **kw)
     except OSError as e:
-        raise LesionGenError(f"could not load Stable Diffusion from {str(base)!r} (safetensors weights are required): {e}") from e
+        raise LesionGenError(f"could not load Stable Diffusion from {str(base)!r} (safetensors weights are required): "
+                             f"{_first_line(e)}") from e
     logger.info("safety checker disabled: it flags ordinary skin close-ups and blanks them. " + RESEARCH_ONLY)
     freeze(pipe.vae, pipe.text_encoder, pipe.unet)
     if device is not None: pipe.to(device)
@@ -219,18 +236,20 @@ def load_lora(pipe: DiffusionPipeline,  # a `StableDiffusionPipeline` or `Lesion
     p = Path(os.path.expanduser(str(path_or_dir)))
     if p.is_dir():
         files = sorted(f.name for f in p.glob("*.safetensors"))
+        if not files: _refuse_pickles(p, "LoRA")
         if LORA_WEIGHT_NAME in files: weight = LORA_WEIGHT_NAME
         elif len(files) == 1: weight = files[0]
         else: raise LesionGenError(f"LoRA folder {str(path_or_dir)!r} has no {LORA_WEIGHT_NAME} "
                                    f"({len(files)} other .safetensors files: pass the file)")
         folder = p
     elif p.is_file():
-        if p.suffix != ".safetensors": raise LesionGenError(f"LoRA file {str(path_or_dir)!r} is not .safetensors")
+        if p.suffix != ".safetensors":
+            raise LesionGenError(f"LoRA file {str(path_or_dir)!r} is not .safetensors; lesiongen loads no pickle weights")
         folder, weight = p.parent, p.name
     else: raise LesionGenError(f"LoRA path {str(path_or_dir)!r} does not exist")
     if not hasattr(pipe, "load_lora_weights"):
         raise LesionGenError(f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights)")
-    try: pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=adapter_name)
+    try: pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=adapter_name, use_safetensors=True)
     except (ValueError, KeyError, RuntimeError) as e:
         raise LesionGenError(f"could not load LoRA {str(path_or_dir)!r} into {type(pipe).__name__}: {e}") from e
     return pipe
@@ -361,13 +380,15 @@ def load_text_encoder(name_or_path: str|os.PathLike = "minilm",  # `minilm`, a l
     if name == "minilm": src, kw = str(minilm_path()), dict(local_files_only=True)
     else:
         local = _check_local(name_or_path, "text encoder", marker="config.json")
+        if local is not None: _refuse_pickles(local, "text encoder")
         src, kw = (str(local), dict(local_files_only=True)) if local is not None else (name, {})
     dtype = torch_dtype or default_dtype(device)
     _warn_cpu_half(dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        encoder = AutoModel.from_pretrained(src, **kw).to(dtype)
-    except OSError as e: raise LesionGenError(f"could not load text encoder {name!r}: {e}") from e
+        encoder = AutoModel.from_pretrained(src, use_safetensors=True, **kw).to(dtype)
+    except OSError as e:
+        raise LesionGenError(f"could not load text encoder {name!r} (safetensors weights are required): {_first_line(e)}") from e
     freeze(encoder)
     if device is not None: encoder.to(device)
     return tokenizer, encoder
@@ -396,6 +417,15 @@ def encode_text(texts: str|Sequence[str],  # captions
         embs.append(encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float())
     return torch.cat(embs), tok.attention_mask.to(device)
 
+# %% ../nbs/04_model.ipynb #9b905ee5
+def guided_steps(timesteps,                 # the sampler's timesteps (`scheduler.timesteps`)
+                 num_train_timesteps: int,  # T of the training noise schedule
+                 interval: tuple = (0.0, 1.0),  # (lo, hi), see `core.check_guidance_interval`
+                ) -> list[bool]:            # per step: guide it?
+    "Which sampler steps get classifier-free guidance: those whose noise level t/T lies in `interval`"
+    lo, hi = check_guidance_interval(interval)
+    return [lo <= int(t) / num_train_timesteps <= hi for t in timesteps]
+
 # %% ../nbs/04_model.ipynb #f307d39b
 @dataclass
 class LesionGenPipelineOutput(BaseOutput):
@@ -421,6 +451,20 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.register_modules(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
         self.register_to_config(max_text_tokens=max_text_tokens, use_attention_mask=use_attention_mask)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str|os.PathLike,  # a folder from `save_pretrained` (or a Hub id)
+                        **kwargs,  # passed to `DiffusionPipeline.from_pretrained`; `use_safetensors` can only be True
+                       ) -> LesionGenPipeline:
+        "Load a saved pipeline from safetensors weights only: a folder of pickle weights is refused"
+        if kwargs.pop("use_safetensors", True) is not True:
+            raise LesionGenError("use_safetensors must be True: lesiongen never loads pickle weights")
+        local = _check_local(pretrained_model_name_or_path, "pipeline", marker="model_index.json")
+        if local is not None: _refuse_pickles(local, "pipeline")
+        try: return super().from_pretrained(str(local or pretrained_model_name_or_path), use_safetensors=True, **kwargs)
+        except OSError as e:
+            raise LesionGenError(f"could not load a LesionGenPipeline from {str(pretrained_model_name_or_path)!r} "
+                                 f"(safetensors weights are required): {_first_line(e)}") from e
 
     @property
     def size_multiple(self) -> int:
@@ -483,6 +527,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  width: int|None = None,  # px; None: the UNet's training resolution
                  num_inference_steps: int = 25,  # sampler steps, >= 1
                  guidance_scale: float = 3.0,  # classifier-free guidance weight w; <= 1 disables guidance
+                 guidance_interval: tuple[float, float] = (0.0, 1.0),  # guide only the steps whose noise level t/T lies in [lo, hi]
                  num_images_per_prompt: int = 1,  # images per caption
                  generator: torch.Generator|list[torch.Generator]|None = None,  # one, or one per image
                  latents: torch.Tensor|None = None,  # initial noise (B*n, C, H, W); None: drawn from `generator`
@@ -503,6 +548,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
         device, do_cfg = self._execution_device, guidance_scale > 1.0
+        interval = check_guidance_interval(guidance_interval)
 
         # 2. Encode the prompts (and the unconditional prompt for guidance)
         if prompt_embeds is None: emb, mask = self.encode_prompt(prompts, device, num_images_per_prompt)
@@ -525,6 +571,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        guided = [do_cfg and g for g in guided_steps(timesteps, self.scheduler.config.num_train_timesteps, interval)]
 
         # 4. Initial noise in pixel space: the image is the "latent"
         x = self.prepare_latents(n, height, width, self.unet.dtype, device, generator, latents)
@@ -533,11 +580,11 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # stochastic samplers draw their noise from `generator`, so the same seeds give the same images
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         with self.progress_bar(total=len(timesteps)) as bar:
-            for t in timesteps:
-                inp = torch.cat([x] * 2) if do_cfg else x
-                inp = self.scheduler.scale_model_input(inp, t)
-                out = self.unet(inp, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-                if do_cfg:
+            for t, guide in zip(timesteps, guided):
+                inp = self.scheduler.scale_model_input(torch.cat([x] * 2) if guide else x, t)
+                e, m = (emb, mask) if guide or not do_cfg else (emb[n:], None if mask is None else mask[n:])
+                out = self.unet(inp, t, encoder_hidden_states=e, encoder_attention_mask=m).sample
+                if guide:
                     uncond, cond = out.chunk(2)
                     out = uncond + guidance_scale * (cond - uncond)
                 x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample

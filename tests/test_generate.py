@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -419,3 +420,28 @@ def test_two_processes_cover_the_plan_once(records, tiny_model, tmp_path):
     assert (tmp_path / "two" / "metadata.csv").read_bytes() != b""
     m2, m1 = (pd.read_csv(tmp_path / x / "metadata.csv") for x in ("two", "one"))
     assert m2.drop(columns="model").equals(m1.drop(columns="model"))
+
+
+@pytest.mark.parametrize("kind", ["compact", "sd"])
+def test_guidance_interval(tiny_model, tiny_sd, kind):
+    "Guidance limited to part of the schedule: an interval covering every step is full guidance exactly, one covering"
+    " some steps lies strictly between full and no guidance, for the compact pipeline and (via callbacks) Stable Diffusion"
+    pipe = G.load_pipeline(tiny_model if kind == "compact" else tiny_sd)
+    pipe.scheduler = G.make_scheduler("dpmpp", pipe.scheduler, pixel_space=kind == "compact")
+    pipe.set_progress_bar_config(disable=True)
+    texts, seeds = ["dermoscopy image of a melanoma", "dermoscopy image of a melanocytic nevus"], [1, 2]
+
+    def px(guidance_scale=5.0, **kw):
+        ims = G.sample_images(pipe, texts, seeds, num_inference_steps=3, guidance_scale=guidance_scale, **kw)
+        return torch.from_numpy(np.stack([np.asarray(im) for im in ims]))
+
+    pipe.scheduler.set_timesteps(3)
+    ts = [int(t) for t in pipe.scheduler.timesteps]  # e.g. [999, 666, 333]
+    full, everything = px(), px(guidance_interval=(ts[-1] / 1000 - 0.01, 1.0))
+    assert torch.equal(full, everything)  # the interval path, guiding all steps, is full guidance
+    none = px(guidance_scale=1.0)
+    for iv in [((ts[0] - 1) / 1000, 1.0), (0.0, (ts[1] + 1) / 1000)]:  # first step only; last two steps only
+        part = px(guidance_interval=iv)
+        assert not torch.equal(part, full) and not torch.equal(part, none), iv
+    with pytest.raises(LesionGenError, match="guidance_interval"):
+        G.sample_images(pipe, texts, seeds, num_inference_steps=3, guidance_interval=(0.9, 0.1))
