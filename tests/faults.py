@@ -53,9 +53,11 @@ def run_with_kills(cmd: list[str],          # the stage's command line; the same
         deadline = time.monotonic() + rng.uniform(min_s, max_s)
         while proc.poll() is None and time.monotonic() < deadline: time.sleep(0.02)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL); proc.wait(); rep.kills += 1
-        else:
-            rep.early_exits += 1
+            try: os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError: pass  # it exited between the poll and the kill
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL: rep.kills += 1
+        else: rep.early_exits += 1  # finished (or failed) before its kill time: counted by its exit code, not as a kill
         err = proc.stderr.read().decode(errors="replace"); proc.stderr.close()
         rep.returncodes.append(proc.returncode)
         if killed_before and proc.returncode in (0, -signal.SIGKILL): rep.resumes_ok += 1
