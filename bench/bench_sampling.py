@@ -4,6 +4,9 @@ Run it on an otherwise idle machine: every row renders the same captions and see
 Adherence of the same settings is measured by bench/bench_adherence.py (--samplers ...). Target of issue 7:
 >= 20 img/s at 32 px with guidance, at adherence within 0.05 of 25-step DPM-Solver++.
 
+Guidance limited to the middle of the noise schedule (`guidance_interval`) runs one UNet pass instead of two on the
+other steps; `unet_passes` counts passes per image.
+
 Usage: python bench/bench_sampling.py --model RUN --records records.csv [--n 128] [--threads 2]
 """
 import argparse, time
@@ -12,6 +15,7 @@ import pandas as pd
 import torch
 
 from lesiongen.generate import balanced_plan, load_pipeline, make_scheduler, sample_images
+from lesiongen.model import guided_steps
 
 
 def main(argv=None):
@@ -24,16 +28,24 @@ def main(argv=None):
     plan = balanced_plan(a.records, a.n, seed=0)
     texts, seeds = list(plan["text"]), list(plan["seed"])
     rows = []
-    for sched, steps, guidance, batch in [("dpmpp_sde", 25, 3.0, 16), ("dpmpp_sde", 25, 3.0, 64), ("dpmpp", 25, 3.0, 64),
-                                          ("dpmpp_sde", 15, 3.0, 64), ("dpmpp_sde", 10, 3.0, 64), ("dpmpp_sde", 10, 1.0, 64)]:
+    full = (0.0, 1.0)
+    for sched, steps, guidance, batch, interval in [
+            ("dpmpp", 25, 3.0, 64, full), ("dpmpp_sde", 25, 3.0, 16, full), ("dpmpp_sde", 25, 3.0, 64, full),
+            ("dpmpp_sde", 10, 3.0, 64, full), ("dpmpp_sde", 10, 1.0, 64, full), ("dpmpp_sde", 10, 4.0, 64, (0.2, 0.8)),
+            ("dpmpp_sde", 8, 4.0, 64, (0.2, 0.8)), ("dpmpp_sde", 6, 4.0, 64, (0.2, 0.8)), ("dpmpp_sde", 6, 4.0, 128, (0.2, 0.8))]:
         pipe.scheduler = make_scheduler(sched, pipe.scheduler, pixel_space=True)
         sample_images(pipe, texts[:8], seeds[:8], num_inference_steps=2, guidance_scale=guidance)  # warm-up
+        pipe.scheduler.set_timesteps(steps)
+        evals = steps + (sum(guided_steps(pipe.scheduler.timesteps, pipe.scheduler.config.num_train_timesteps, interval))
+                         if guidance > 1 else 0)
         t0 = time.perf_counter()
         for i in range(0, len(texts), batch):
-            sample_images(pipe, texts[i:i + batch], seeds[i:i + batch], num_inference_steps=steps, guidance_scale=guidance)
+            sample_images(pipe, texts[i:i + batch], seeds[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                          guidance_interval=interval)
         dt = time.perf_counter() - t0
-        rows.append(dict(sampler=sched, steps=steps, guidance=guidance, batch=batch, threads=torch.get_num_threads(),
-                         img_s=round(len(texts) / dt, 2), unet_evals_s=round(len(texts) * steps * (2 if guidance > 1 else 1) / dt, 1)))
+        rows.append(dict(sampler=sched, steps=steps, guidance=guidance, interval="{:g}-{:g}".format(*interval), batch=batch,
+                         threads=torch.get_num_threads(), unet_passes=evals, img_s=round(len(texts) / dt, 2),
+                         unet_evals_s=round(len(texts) * evals / dt, 1)))
         print(rows[-1], flush=True)
     print(pd.DataFrame(rows).to_string(index=False))
 

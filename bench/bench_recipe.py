@@ -1,0 +1,127 @@
+"""Issue 7's targets in one command: build the phantom Derm7pt set, train the compact recipe, train the judges, and
+score prompt adherence and sampling speed of the trained generator, printing each number next to its target.
+
+Presets (2 CPU cores, phantom data):
+  32  the default compact recipe at 32 px. Targets: generator trained <= 15 min; relative diagnosis adherence >= 0.9;
+      Fitzpatrick judged within +-1 of the prompt >= 0.9; skin-type counterfactual ITA order >= 0.95;
+      >= 20 img/s with guidance.
+  64  the 64 px pixel-space recipe (`bench/recipes/compact64.json`). Targets: trained <= 30 min; balanced agreement
+      >= 0.7 for the presence of pigment network, streaks, dots and globules, blue-whitish veil and vascular structures
+      (the judges' real-image agreement printed beside it); >= 5 img/s with guidance.
+
+Every stage is skipped when its output exists (`--work DIR` is resumable); pass `--records/--captions`, `--run` or
+`--judges` to reuse data, a trained generator or trained judges (training time is then not measured).
+Sampling: the preset's sampler (SDE DPM-Solver++, guidance limited to the middle of the noise schedule), and
+25-step DPM-Solver++ with guidance at every step for reference; img/s are measured in this process, so run it on an
+otherwise idle machine.
+
+Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40]
+"""
+import argparse, json, logging, subprocess, sys, time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_adherence import pipeline_at, render  # noqa: E402
+
+from lesiongen.adherence import adherence, counterfactual_control, real_reference  # noqa: E402
+from lesiongen.classify import JudgeConfig, Judges, train_judges  # noqa: E402
+from lesiongen.core import RESEARCH_ONLY  # noqa: E402
+from lesiongen.generate import balanced_plan, counterfactual_plan  # noqa: E402
+
+HERE = Path(__file__).parent
+PRESETS = {
+    "32": dict(resolution=32, model_config=None, train_args=[], judge_resolution=32, train_minutes=15, img_s=20,
+               sampler=("dpmpp_sde", 10, 4.0, (0.2, 0.8))),
+    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--max-steps", "2000"],
+               judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 10, 4.0, (0.2, 0.8))),
+}
+CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
+
+
+def cli(*args: str) -> None:
+    "Run one `lesiongen` command, failing loudly"
+    subprocess.run([str(Path(sys.executable).parent / "lesiongen"), *args], check=True)
+
+
+def build_data(work: Path, n: int) -> tuple[Path, Path]:
+    "Phantom Derm7pt set at 64 px -> curated records -> template captions"
+    root, cur = work / "phantom", work / "curated"
+    if not (root / "README.md").is_file():
+        cli("phantom", "--out", str(root), "--n", str(n), "--size", "64", "--format", "derm7pt", "--quiet")
+    if not (cur / "records.csv").is_file(): cli("curate", "--dataset", "derm7pt", "--root", str(root), "--out", str(cur))
+    if not (cur / "captions.jsonl").is_file():
+        cli("caption", "--records", str(cur / "records.csv"), "--out", str(cur / "captions.jsonl"))
+    return cur / "records.csv", cur / "captions.jsonl"
+
+
+def train_generator(work: Path, records: Path, captions: Path, preset: dict, threads: int) -> tuple[Path, float|None]:
+    "Train the preset's recipe; returns the run folder and the wall-clock minutes (None if it was already trained)"
+    run = work / f"gen{preset['resolution']}"
+    if (run / "model_index.json").is_file(): return run, None
+    args = ["train", "--records", str(records), "--captions", str(captions), "--base", "compact", "--out", str(run),
+            "--resolution", str(preset["resolution"]), "--num-threads", str(threads), "--no-progress", *preset["train_args"]]
+    if preset["model_config"]: args += ["--model-config", str(preset["model_config"])]
+    t0 = time.perf_counter(); cli(*args)
+    return run, (time.perf_counter() - t0) / 60
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--work", required=True, help="working folder (resumable)")
+    p.add_argument("--records"); p.add_argument("--captions"); p.add_argument("--run"); p.add_argument("--judges")
+    p.add_argument("--cases", type=int, default=3000, help="phantom cases when the data are built here")
+    p.add_argument("--n", type=int, default=420, help="images of the balanced plan")
+    p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
+    p.add_argument("--threads", type=int, default=2); p.add_argument("--batch", type=int, default=64)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(a.threads)
+    preset, work = PRESETS[a.preset], Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    records, captions = (Path(a.records), Path(a.captions)) if a.records else build_data(work, a.cases)
+    run, minutes = (Path(a.run), None) if a.run else train_generator(work, records, captions, preset, a.threads)
+    jdir = Path(a.judges) if a.judges else work / f"judges{preset['judge_resolution']}"
+    judges = Judges.load(jdir) if (jdir / "judges.json").is_file() else train_judges(
+        records, jdir, JudgeConfig(resolution=preset["judge_resolution"], num_threads=a.threads, progress=False))
+    ref = real_reference(judges, records, split="test")
+    plan = balanced_plan(records, a.n, seed=0)
+    cf = counterfactual_plan(records, a.cf, attribute="fitzpatrick", seed=1)
+    pipe = pipeline_at(run, None)
+    sched, steps, g, interval = preset["sampler"]
+    imgs, ips = render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval)
+    rep = adherence(judges, imgs, plan, ref)
+    cc = counterfactual_control(judges, render(pipe, cf, sched, steps, g, a.batch, guidance_interval=interval)[0], cf).iloc[0]
+    _, ips25 = render(pipe, plan.iloc[:128], "dpmpp", 25, 3.0, a.batch)
+    t, rt = rep.table.set_index("attribute"), ref.table.set_index("attribute")
+    rows = [("generator training, min", minutes, f"<= {preset['train_minutes']}",
+             None if minutes is None else minutes <= preset["train_minutes"]),
+            (f"img/s, {sched} {steps} steps, guidance {g} in {interval}", ips, f">= {preset['img_s']}", ips >= preset["img_s"]),
+            ("img/s, dpmpp 25 steps, guidance 3 (reference)", ips25, "", None)]
+    if a.preset == "32":
+        rows += [("relative diagnosis adherence", t.loc["dx", "relative_balanced"], ">= 0.9", t.loc["dx", "relative_balanced"] >= 0.9),
+                 ("Fitzpatrick judged within +-1", t.loc["fitzpatrick", "within_one"], ">= 0.9", t.loc["fitzpatrick", "within_one"] >= 0.9),
+                 ("counterfactual ITA order I->VI", cc["ita_order_pairs"], ">= 0.95", cc["ita_order_pairs"] >= 0.95)]
+    else:
+        for c in CONCEPTS64:
+            k = c + ":presence"
+            if k in t.index:
+                v = t.loc[k, "balanced_agreement"]
+                rows.append((f"{c} presence, balanced agreement (real: {rt.loc[k, 'balanced_agreement']:.2f})", v, ">= 0.7", v >= 0.7))
+            else: rows.append((f"{c} presence: no judge (not annotated in the training split)", None, ">= 0.7", None))
+    table = pd.DataFrame(rows, columns=["measure", "value", "target", "met"])
+    print(f"\npreset {a.preset}: run {run}, judges {jdir}, {len(plan)} balanced + {len(cf)} counterfactual images")
+    print(table.round(3).to_string(index=False))
+    print("\nall attributes (generated vs real held-out):")
+    print(rep.table[["attribute", "balanced_agreement", "real_balanced_agreement", "relative_balanced"]].round(3).to_string(index=False)
+          if "real_balanced_agreement" in rep.table else rep.table.round(3).to_string(index=False))
+    table.to_csv(work / f"bench_recipe_{a.preset}.csv", index=False)
+    rep.save(work / f"adherence_{a.preset}")
+    print(RESEARCH_ONLY)
+
+
+if __name__ == "__main__":
+    main()
