@@ -4,16 +4,17 @@
 
 # %% ../nbs/11_cli.ipynb #059e64f3
 from __future__ import annotations
-import argparse, hashlib, json, logging, shutil, sys, tempfile, time
+import argparse, contextlib, errno, hashlib, json, logging, os, signal, sys, time, traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .core import RESEARCH_ONLY, LesionGenError, atomic_write_json
+from .core import RESEARCH_ONLY, LesionGenError, atomic_write_json, publish_dir, remove_temps
 
 # %% auto #0
-__all__ = ['logger', 'PipelineConfig', 'run_stage', 'format_summary', 'run_pipeline', 'read_model_config',
-           'train_config_from_args', 'generate_config_from_args', 'build_parser', 'main']
+__all__ = ['logger', 'RESUME_HINTS', 'USER_ERRNOS', 'PipelineConfig', 'run_stage', 'format_summary', 'run_pipeline',
+           'read_model_config', 'train_config_from_args', 'generate_config_from_args', 'build_parser', 'resume_hint',
+           'out_problem', 'user_os_error', 'issue_tracker', 'Terminated', 'main']
 
 # %% ../nbs/11_cli.ipynb #2342e607
 logger = logging.getLogger(__name__)
@@ -58,24 +59,21 @@ def run_stage(out: Path,       # the run folder
     h = _settings_hash(settings)
     if dest.exists() and not force:
         if marker.exists():
-            done = json.loads(marker.read_text())
+            try: done = json.loads(marker.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError): done = None
+            if not isinstance(done, dict): raise LesionGenError(f"{marker} is damaged; remove {dest} or use --force")
             if done.get("settings_hash") == h: return dest, False
             diff = sorted(k for k in settings if done.get("settings", {}).get(k) != settings[k])
             raise LesionGenError(f"stage '{name}' in {dest} was run with other settings ({', '.join(diff)}); "
                                  "use another --out or --force")
         raise LesionGenError(f"{dest} exists but holds no finished stage (no stage.json); remove it or use --force")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".{name}.tmp-*"): shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-"))
+    remove_temps(out)  # left by a killed run
     t0 = time.perf_counter()
-    try:
+    with publish_dir(dest) as tmp:  # renamed into place when complete; the old folder is removed only then
         fn(tmp)
         atomic_write_json(tmp/"stage.json", {"stage": name, "settings": settings, "settings_hash": h,
                                              "seconds": round(time.perf_counter() - t0, 2), "version": __version__})
-        if dest.exists(): shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     return dest, True
 
 # %% ../nbs/11_cli.ipynb #c55559cd
@@ -184,6 +182,7 @@ _TRAIN_ARGS = {  # CLI option -> `TrainConfig` field, for options given on the c
     "prediction_type": "prediction_type", "ema": "use_ema", "checkpointing_steps": "checkpointing_steps",
     "checkpoints_total_limit": "checkpoints_total_limit", "resume": "resume_from_checkpoint",
     "validation_prompt": "validation_prompts", "num_validation_images": "num_validation_images",
+    "validation_steps": "validation_steps", "validation_inference_steps": "validation_inference_steps",
     "seed": "seed", "num_threads": "num_threads", "report_to": "report_to"}
 
 def read_model_config(path: str,  # a JSON file: an object of `model.CompactConfig` fields
@@ -230,7 +229,8 @@ def _cmd_train(a) -> int:
 _GEN_ARGS = {  # CLI option -> `GenConfig` field, for options given on the command line
     "model": "model", "records": "records", "out": "out", "plan": "plan", "n": "n", "weights": "weights",
     "cf_attribute": "cf_attribute", "cf_values": "cf_values", "splits": "splits", "scheduler": "scheduler",
-    "steps": "num_inference_steps", "guidance": "guidance_scale", "negative_prompt": "negative_prompt", "seed": "seed",
+    "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_interval": "guidance_interval",
+    "negative_prompt": "negative_prompt", "seed": "seed",
     "batch_size": "batch_size", "resolution": "resolution", "lora_base": "lora_base", "caption_seed": "caption_seed",
     "num_threads": "num_threads"}
 
@@ -238,7 +238,7 @@ def generate_config_from_args(a) -> "GenConfig":
     "Build the `GenConfig` of `lesiongen generate` from parsed arguments"
     from lesiongen.generate import GenConfig
     given = {field: getattr(a, opt) for opt, field in _GEN_ARGS.items() if getattr(a, opt) is not None}
-    for key in ("splits", "cf_values"):
+    for key in ("splits", "cf_values", "guidance_interval"):
         if key in given: given[key] = tuple(given[key])
     if a.quiet: given["progress"] = False
     return GenConfig(**given)
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="`latest` or a checkpoint folder: continue an interrupted run bit-identically")
     t.add_argument("--validation-prompt", nargs="+", help="prompts of the validation grids")
     t.add_argument("--num-validation-images", type=int)
+    t.add_argument("--validation-steps", type=int, help="render the validation grid every N steps (default: at each checkpoint)")
+    t.add_argument("--validation-inference-steps", type=int, help="sampler steps of a validation image (default: 25)")
     t.add_argument("--seed", type=int)
     t.add_argument("--num-threads", type=int, help="torch CPU threads")
     t.add_argument("--report-to", help="accelerate tracker: tensorboard, wandb, ...")
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=("dpmpp", "dpmpp_sde", "ddim", "euler"), help="sampler (default: dpmpp_sde for the compact model, dpmpp for Stable Diffusion)")
     g.add_argument("--steps", type=int, help="sampler steps (default: 25)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance (default: 3 compact, 7.5 Stable Diffusion)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only noise levels t/T in [LO, HI] (e.g. 0.2 0.8); default: every step")
     g.add_argument("--negative-prompt", help="unconditional caption of guidance (default: empty)")
     g.add_argument("--seed", type=int, help="dataset seed (default: 0)")
     g.add_argument("--batch-size", type=int, help="images per forward pass and per resumable chunk (default: 16)")
@@ -391,13 +395,96 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/11_cli.ipynb #0e751f6b
+RESUME_HINTS = {  # what to do after an interrupted command, by command
+    "run": "re-run the same command to resume: finished stages are kept",
+    "phantom": "re-run the same command to write the dataset again",
+    "curate": "re-run the same command to curate again",
+    "caption": "re-run the same command to resume: captions already written are kept",
+    "train": "re-run the same command to resume from the last checkpoint",
+    "generate": "re-run the same command to resume: finished images are kept",
+}
+
+def resume_hint(args: argparse.Namespace,  # the parsed command line
+               ) -> str:  # one clause, e.g. "re-run the same command to resume: ..."
+    "Say how to go on after the command of `args` was interrupted"
+    if args.command == "train" and not getattr(args, "resume", None):
+        return "re-run the same command with --resume latest to continue from the last checkpoint"
+    return RESUME_HINTS.get(args.command, "re-run the same command")
+
+def out_problem(out: str|Path,  # the `--out` of a command: a folder, or a file (`caption`)
+               ) -> str|None:  # why it cannot be written, or None
+    "Say why `out` cannot be created or written: its path runs through a file, or the folder it goes in is not writable"
+    p = Path(out).absolute()
+    for q in (p, *p.parents):
+        if not q.exists(): continue
+        if not q.is_dir(): return None if q == p else f"its path runs through the file {q}"
+        if not os.access(q, os.W_OK | os.X_OK): return f"{q} is not writable"
+        return None
+    return None
+
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                         errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})  # system errors a user causes and can fix
+
+def user_os_error(e: BaseException,  # an exception a command raised
+                  hint: str,  # `resume_hint` of the command
+                 ) -> str|None:  # a one-line message, or None when `e` is no such error
+    "Describe `e` in one line if it is (or was caused by) an `OSError` a user can fix: a full disk, no permission, a file in the way"
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+            what = f"{e.strerror or os.strerror(e.errno)}" + (f": {e.filename}" if e.filename else "")
+            return f"{what}; free some space, then {hint}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else what
+        e = e.__cause__ or e.__context__
+    return None
+
+def issue_tracker() -> str:
+    "Where to report a lesiongen bug: `git_url` of `settings.ini` in a source checkout, else the package's home page, + `/issues`"
+    import configparser, lesiongen
+    url, ini = None, Path(lesiongen.__file__).resolve().parent.parent / "settings.ini"
+    if ini.is_file():
+        cp = configparser.ConfigParser()
+        with contextlib.suppress(configparser.Error, OSError): cp.read(ini); url = cp.get("DEFAULT", "git_url", fallback=None)
+    if not url:
+        with contextlib.suppress(Exception):
+            from importlib.metadata import metadata
+            url = metadata("lesiongen").get("Home-page")
+    return f"{url.rstrip('/')}/issues" if url else "the lesiongen issue tracker"
+
+class Terminated(KeyboardInterrupt):
+    "SIGTERM (a scheduler stopping or pre-empting the job), raised so that the command unwinds as on Ctrl-C"
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    "Inside the block, SIGTERM raises `Terminated` (main thread only; elsewhere the handler stays)"
+    def handler(signum, frame): raise Terminated()
+    try: prev = signal.signal(signal.SIGTERM, handler)
+    except ValueError: yield; return  # not the main thread
+    try: yield
+    finally: signal.signal(signal.SIGTERM, prev)
+
 def main(argv: list[str]|None = None,  # arguments, default `sys.argv[1:]`
-        ) -> int:  # exit status: 0 ok, 2 bad input
+        ) -> int:  # exit status: 0 ok, 2 bad input (or a full disk, a folder not writable), 130 Ctrl-C, 143 SIGTERM, 1 a bug
     "Run the `lesiongen` command line"
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.fn(args)
-    except LesionGenError as e:
-        print(f"lesiongen {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    name = f"lesiongen {args.command}"
+    def say(msg: str) -> None: print(f"{name}: {msg}", file=sys.stderr)
+    with _sigterm_raises():
+        try:
+            if (out := getattr(args, "out", None)) and (why := out_problem(out)):
+                raise LesionGenError(f"cannot write --out {out}: {why}")
+            return args.fn(args)
+        except LesionGenError as e:
+            say(f"error: {e}"); return 2
+        except Terminated:
+            say(f"stopped by SIGTERM; {resume_hint(args)}"); return 143
+        except KeyboardInterrupt:
+            say(f"interrupted; {resume_hint(args)}"); return 130
+        except Exception as e:
+            if msg := user_os_error(e, resume_hint(args)):
+                say(f"error: {msg}"); return 2
+            traceback.print_exc()
+            say(f"internal error in lesiongen {__version__}, not in your input: please report it, with the command "
+                f"and the traceback above, at {issue_tracker()}")
+            return 1

@@ -23,26 +23,46 @@ _logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['ON_ERROR', 'DROPPED_COLUMNS', 'IMAGE_EXTS', 'ITA_MAX_SIDE', 'FITZPATRICK_PAIRS', 'HAM10000_COLUMNS',
-           'HAM10000_IMAGE_DIRS', 'DERM7PT_COLUMNS', 'FOLDER_FILL_COLS', 'LOADERS', 'LINKS', 'read_csv_checked',
-           'is_missing', 'Issues', 'unsafe_path_reason', 'DirIndex', 'skin_mask', 'estimate_ita', 'read_image_checked',
-           'check_images', 'write_placeholder_images', 'check_fracs', 'split_by_lesion', 'CurationResult', 'summarize',
-           'parse_fitzpatrick', 'finalize_records', 'read_records', 'load_ham10000', 'read_derm7pt_splits',
-           'load_derm7pt', 'slugify', 'load_folder', 'curate', 'default_text', 'write_imagefolder']
+           'HAM10000_IMAGE_DIRS', 'DERM7PT_COLUMNS', 'FOLDER_FILL_COLS', 'LOADERS', 'RECORDS_FILE', 'REPORT_FILE',
+           'LINKS', 'read_csv_checked', 'is_missing', 'Issues', 'unsafe_path_reason', 'DirIndex', 'skin_mask',
+           'estimate_ita', 'read_image_checked', 'check_images', 'write_placeholder_images', 'check_fracs',
+           'split_by_lesion', 'CurationResult', 'summarize', 'parse_fitzpatrick', 'finalize_records', 'load_ham10000',
+           'read_derm7pt_splits', 'load_derm7pt', 'slugify', 'load_folder', 'check_out_dir', 'read_curation_report',
+           'read_records', 'curate', 'default_text', 'write_imagefolder']
 
 # %% ../nbs/01_data.ipynb #54daf44c
-def read_csv_checked(path: str|Path,             # the CSV file
+def _fmt_list(items: Sequence, cap: int = 10) -> str:
+    "Join `items`, spelling out at most `cap` of them"
+    items = list(items)
+    s = ", ".join(str(i) for i in items[:cap])
+    return s + (f" and {len(items) - cap} more" if len(items) > cap else "")
+
+def _one_line(e: BaseException) -> str:
+    "The message of `e` on one line"
+    return " ".join(str(e).split())
+
+def read_csv_checked(path: str|Path,             # the CSV file (UTF-8, optionally with a byte-order mark)
                      required: Iterable[str] = (),  # columns that must be present
-                    ) -> pd.DataFrame:  # every column as text, empty strings for empty cells
-    "Read the CSV at `path` as text, checking that it exists and has the `required` columns"
+                    ) -> pd.DataFrame:  # every column as text, empty strings for empty or absent cells
+    "Read the CSV at `path` as text, checking that it exists, parses, names each column once and has the `required` ones"
+    import io
     path = Path(path)
     if not path.is_file(): raise LesionGenError(f"metadata file not found: {path}")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise LesionGenError(f"cannot parse CSV {path}: {e}") from e
-    df.columns = [str(c).strip() for c in df.columns]
+    data = path.read_bytes()
+    if b"\0" in data: raise LesionGenError(f"cannot parse CSV {path}: it holds NUL bytes (a binary, UTF-16 or damaged file)")
+    try: raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, header=None, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise LesionGenError(f"cannot parse CSV {path}: {_one_line(e)}") from e
+    names = [str(c).strip() for c in raw.iloc[0]]
+    df = raw.iloc[1:].fillna("").reset_index(drop=True)
+    if any(df[c].str.contains("\r", regex=False).any() for c in df):  # a quoted line break: one kind, which to_csv quotes
+        df = df.apply(lambda s: s.str.replace("\r\n", "\n", regex=False).str.replace("\r", "\n", regex=False))
+    df.columns = [n or f"Unnamed: {i}" for i, n in enumerate(names)]
+    if dup := sorted({n for n in names if n and names.count(n) > 1}):
+        raise LesionGenError(f"{path} names the column(s) {', '.join(map(repr, dup))} more than once")
     missing = [c for c in required if c not in df.columns]
     if missing: raise LesionGenError(f"{path} lacks required column(s) {', '.join(map(repr, missing))}; "
-                                     f"it has {', '.join(map(repr, df.columns))}")
+                                     f"it has {_fmt_list(map(repr, df.columns))}")
     return df
 
 def is_missing(value) -> bool:
@@ -58,12 +78,6 @@ def _check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
         raise LesionGenError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return on_error
-
-def _fmt_list(items: Sequence, cap: int = 10) -> str:
-    "Join `items`, spelling out at most `cap` of them"
-    items = list(items)
-    s = ", ".join(str(i) for i in items[:cap])
-    return s + (f" and {len(items) - cap} more" if len(items) > cap else "")
 
 class Issues:
     "Problems found while validating candidate rows, grouped by kind and value"
@@ -143,7 +157,7 @@ class DirIndex:
                         try:
                             if e.is_file(): entries[e.name] = e.is_symlink()
                         except OSError: pass
-            except (FileNotFoundError, NotADirectoryError): pass
+            except (OSError, ValueError): pass  # absent, not a folder, unreadable, name too long or with a NUL byte
             self._dirs[folder] = entries
         return self._dirs[folder]
 
@@ -367,14 +381,15 @@ def parse_fitzpatrick(value,  # a Fitzpatrick label as found in a CSV
                      ) -> int|None:  # type 1–6, or None when unknown
     "Parse a Fitzpatrick label: 1–6, -1/0/missing as unknown, DDI pairs 12/34/56 as their lower type"
     if is_missing(value): return None
+    bad = ValueError(f"not a Fitzpatrick label: {value!r}")  # the loaders turn it into an issue naming column and row
     try: x = float(str(value).strip())
-    except ValueError: raise ValueError(value) from None
-    if x != int(x): raise ValueError(value)
+    except ValueError: raise bad from None
+    if not math.isfinite(x) or x != int(x): raise bad  # int(inf) would raise OverflowError, which nobody catches
     x = int(x)
     if 1 <= x <= 6: return x
     if x in (-1, 0): return None
     if x in FITZPATRICK_PAIRS: return FITZPATRICK_PAIRS[x]
-    raise ValueError(value)
+    raise bad
 
 def _clean_text(v) -> str|None:
     return None if is_missing(v) else str(v).strip().lower()
@@ -382,7 +397,7 @@ def _clean_text(v) -> str|None:
 def _parse_age(v) -> float:
     if is_missing(v): return float("nan")
     x = float(str(v).strip())  # ValueError for text
-    if not 0 <= x <= 130: raise ValueError(v)
+    if not 0 <= x <= 130: raise ValueError(f"not an age in years: {v!r}")  # also NaN and inf
     return x
 
 def _check_values(cand: pd.DataFrame, col: str, parse: Callable, issues: Issues, kind: str) -> list:
@@ -399,7 +414,9 @@ def _check_duplicates(cand: pd.DataFrame, issues: Issues) -> None:
 
 def _check_missing_ids(cand: pd.DataFrame, cols: Sequence[str], issues: Issues) -> None:
     for c in cols:
-        for pos in np.flatnonzero(cand[c].map(is_missing).to_numpy()): issues.add(f"missing {c}", pos, "")
+        for pos in np.flatnonzero(cand[c].map(is_missing).to_numpy()):
+            v = cand[c].iat[pos]
+            issues.add(f"missing {c}", pos, str(v).strip() if isinstance(v, str) else "")  # `unknown`, `nan`: shown
 
 def _check_files(cand: pd.DataFrame, index: DirIndex, issues: Issues, raw_col: str = "file_name") -> None:
     "Record unsafe (`raw_col`), missing and escaping `file_name`s of `cand` in `issues`"
@@ -439,24 +456,19 @@ def finalize_records(df: pd.DataFrame,              # candidate rows with (some 
         else: out[c] = pd.array([None if is_missing(x) else str(x) for x in v], dtype="string")
     return out
 
-def read_records(path: str|Path,  # a `records.csv` written by `curate`
-                ) -> pd.DataFrame:  # the records with the schema's dtypes
-    "Read a `records.csv` back with the schema's dtypes"
-    df = read_csv_checked(path, RECORD_COLUMNS)
-    return finalize_records(df, [c for c in df.columns if c not in RECORD_COLUMNS])
-
 # %% ../nbs/01_data.ipynb #b0f65b17
 HAM10000_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 HAM10000_IMAGE_DIRS = ("", "HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images")
 
 def _check_root(root: str|Path) -> Path:
-    root = Path(root)
-    if not root.is_dir(): raise LesionGenError(f"dataset root not found or not a folder: {root}")
-    return root
+    "Check that `root` is a folder; return it as an absolute path, so that the report names it from any working folder"
+    if not Path(root).is_dir(): raise LesionGenError(f"dataset root not found or not a folder: {root}")
+    return Path(os.path.abspath(root))
 
 def _dx_issues(cand: pd.DataFrame, col: str, source_col: str, issues: Issues,
                mapper: Callable = canonical_dx) -> list:
     dx = [mapper(v) if not is_missing(v) else None for v in cand[col]]
+    dx = [None if is_missing(d) else d for d in dx]  # a label whose code reads as missing (`-nan` slugs to `nan`)
     for pos, (v, d) in enumerate(zip(cand[col], dx)):
         if d is None: issues.add(f"unknown diagnosis in column {source_col!r}", pos, v)
     return dx
@@ -480,7 +492,7 @@ def load_ham10000(root: str|Path,                 # folder holding the metadata 
                  ) -> CurationResult:
     "Load, validate and split the HAM10000 dataset in `root`"
     _check_on_error(on_error); fracs = check_fracs(fracs); root = _check_root(root)
-    meta_path = Path(metadata) if metadata is not None else root/"HAM10000_metadata.csv"
+    meta_path = Path(os.path.abspath(metadata)) if metadata is not None else root/"HAM10000_metadata.csv"
     df = read_csv_checked(meta_path, HAM10000_COLUMNS)
     source, dropped = str(meta_path), []
     index = DirIndex(root)
@@ -536,6 +548,12 @@ def read_derm7pt_splits(meta_dir: str|Path,  # the `meta` folder of a Derm7pt re
         for i in sorted(set(int(v) for v in col)): member.setdefault(i, []).append(s)
     return member
 
+def _released_score(value) -> int|None:
+    "Parse a released 7-point score: an integer 0–10, else None (then the recomputed score is used)"
+    try: x = float(str(value).strip())
+    except ValueError: return None
+    return int(x) if math.isfinite(x) and x == int(x) and 0 <= x <= 10 else None
+
 def load_derm7pt(root: str|Path,                 # folder holding `meta/` and `images/`
                  on_error: str = "raise",          # `raise`: stop listing every problem; `drop`: drop bad rows
                  group_infrequent: bool = False,   # fold df, vasc and misc into `misc` (`DERM7PT_GROUPS`)
@@ -575,14 +593,13 @@ def load_derm7pt(root: str|Path,                 # folder holding `meta/` and `i
     _check_duplicates(cand, issues)
     _check_files(cand, DirIndex(root), issues, raw_col="raw_path")
     mismatches = []
-    given = pd.to_numeric(src["seven_point_score"].str.strip(), errors="coerce")
+    given = [_released_score(v) for v in src["seven_point_score"]]  # a list: Series.map would turn None into NaN
     computed = [seven_point_score({c: cand[c].iat[i] for c in DERM7PT_CONCEPTS}) for i in range(len(cand))]
     for pos in range(0, len(cand), len(kinds)):
-        g = given.iat[pos]
-        if pd.isna(g) or g != computed[pos]:
+        if given[pos] != computed[pos]:
             mismatches.append({"row": int(rows[pos]), "case_num": case.iat[pos],
                                "given": src["seven_point_score"].iat[pos], "computed": computed[pos]})
-    cand["seven_point_score"] = [int(g) if pd.notna(g) and g == int(g) else c for g, c in zip(given, computed)]
+    cand["seven_point_score"] = [c if g is None else g for g, c in zip(given, computed)]
     cand = _settle(cand, issues, on_error, dropped)
     if mismatches: _logger.warning("%s: %d case(s) whose seven_point_score differs from the recomputed score",
                                   source, len(mismatches))
@@ -630,6 +647,7 @@ def load_folder(root: str|Path,                 # the image folder
     _check_on_error(on_error); fracs = check_fracs(fracs); root = _check_root(root)
     csv = Path(csv)
     if not csv.is_absolute() and not csv.exists() and (root/csv).exists(): csv = root/csv
+    csv = Path(os.path.abspath(csv))
     extra_cols = list(extra_cols or [])
     if clash := [c for c in extra_cols if c in RECORD_COLUMNS and c not in FOLDER_FILL_COLS]:
         raise LesionGenError(f"extra_cols {clash} would overwrite record columns; only {FOLDER_FILL_COLS} may be filled")
@@ -655,6 +673,8 @@ def load_folder(root: str|Path,                 # the image folder
         elif c in ("sex", "site"): cand[c] = df[c].map(_clean_text).to_numpy()
         else: cand[c] = df[c].map(lambda v: None if is_missing(v) else v).to_numpy()
     for pos in np.flatnonzero([is_missing(r) for r in raw]): issues.add(f"missing image path in column {image_col!r}", pos, "")
+    for pos, (r, i) in enumerate(zip(raw, image_id)):  # `nan.jpg` would give the image_id `nan`, which reads as missing
+        if not is_missing(r) and is_missing(i): issues.add("image name reads as a missing value", pos, r)
     _check_missing_ids(cand, ["lesion_id"] if lesion_col else [], issues)
     _check_duplicates(cand, issues)
     _check_files(cand, index, issues, raw_col="raw_path")
@@ -668,24 +688,84 @@ def load_folder(root: str|Path,                 # the image folder
 
 # %% ../nbs/01_data.ipynb #2c51d709
 LOADERS: dict[str, Callable] = {"ham10000": load_ham10000, "derm7pt": load_derm7pt, "folder": load_folder}
+RECORDS_FILE, REPORT_FILE = "records.csv", "curation_report.json"
+
+def check_out_dir(out: str|Path,  # a folder to write into; it may not exist yet
+                 ) -> Path:
+    "Check that the folder `out` exists or can be created, and can be written, before any expensive work"
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise LesionGenError(f"out must be a folder, got the file {out}")
+    p = Path(os.path.abspath(out))
+    while not p.exists(): p = p.parent
+    if not p.is_dir(): raise LesionGenError(f"cannot create the folder {out}: {p} is a file")
+    if not os.access(p, os.W_OK | os.X_OK): raise LesionGenError(f"cannot write into {p} (permission denied); pass another out")
+    return out
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+def read_curation_report(path: str|Path,  # a `curation_report.json`, or the folder holding it
+                        ) -> dict:  # the report
+    "Read the curation report at `path`, checking that it is valid JSON and matches the `records.csv` beside it"
+    path = Path(path)
+    if path.is_dir(): path = path/REPORT_FILE
+    if not path.is_file(): raise LesionGenError(f"curation report not found: {path}")
+    try: report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LesionGenError(f"curation report {path} is damaged or not JSON ({type(e).__name__}: {_one_line(e)}); "
+                             "re-run curate") from None
+    if not isinstance(report, dict) or not isinstance(report.get("params", {}), dict):
+        raise LesionGenError(f"curation report {path} is not a JSON object with 'params'; re-run curate")
+    sha, records = report.get("records_sha256"), path.with_name(RECORDS_FILE)
+    if sha is None: return report  # written before the check existed
+    if not records.is_file():
+        raise LesionGenError(f"{path} has no {RECORDS_FILE} beside it (an interrupted curate?); re-run curate")
+    if _sha256(records) != sha:
+        raise LesionGenError(f"{records} does not match {path} (SHA-256 differs: an interrupted curate, or records "
+                             f"edited in place); re-run curate, or write edited records to another folder")
+    return report
+
+def read_records(path: str|Path,  # a `records.csv` written by `curate` (or any table with `RECORD_COLUMNS`)
+                ) -> pd.DataFrame:  # the records with the schema's dtypes
+    "Read a `records.csv` back with the schema's dtypes, checking it against the curation report beside it"
+    path = Path(path)
+    if path.name == RECORDS_FILE and path.with_name(REPORT_FILE).is_file(): read_curation_report(path.with_name(REPORT_FILE))
+    if not path.is_file(): raise LesionGenError(f"records file not found: {path}")
+    df = read_csv_checked(path, RECORD_COLUMNS)
+    return finalize_records(df, [c for c in df.columns if c not in RECORD_COLUMNS])
+
+def _publish_curation(out: Path, records_csv: str, report: dict) -> None:
+    "Write `report` and then `records_csv` into `out`, each atomically (the order is the commit protocol above)"
+    for name in (RECORDS_FILE, REPORT_FILE):
+        for p in out.glob(f".{name}.*.tmp"): p.unlink(missing_ok=True)  # left by a killed run
+    atomic_write_json(out/REPORT_FILE, report)
+    try: atomic_write_text(out/RECORDS_FILE, records_csv)
+    except BaseException:
+        if not (out/RECORDS_FILE).exists(): (out/REPORT_FILE).unlink(missing_ok=True)  # nothing was published
+        raise
 
 def curate(dataset: str,      # `ham10000`, `derm7pt` or `folder`
            root: str|Path,    # the dataset folder
            out: str|Path,     # folder for `records.csv` and `curation_report.json`
            **kwargs,          # passed to the loader, e.g. `on_error`, `seed`, `fracs`, `csv`, `image_col`
           ) -> CurationResult:
-    "Curate `dataset` in `root` with its loader and write `records.csv` and `curation_report.json` into `out`"
-    import inspect
+    "Curate `dataset` in `root` with its loader and publish `records.csv` with its `curation_report.json` in `out`"
+    import hashlib, inspect
     if dataset not in LOADERS: raise LesionGenError(f"dataset must be one of {tuple(LOADERS)}, got {dataset!r}")
     loader = LOADERS[dataset]
     allowed = set(inspect.signature(loader).parameters) - {"root"}
     if bad := sorted(set(kwargs) - allowed):
         raise LesionGenError(f"argument(s) {', '.join(bad)} not accepted for dataset {dataset!r}; "
                              f"accepted: {', '.join(sorted(allowed))}")
+    out = check_out_dir(out)
     res = loader(root, **kwargs)
-    out = Path(out)
-    atomic_write_csv(out/"records.csv", res.records)
-    atomic_write_json(out/"curation_report.json", res.report)
+    if not len(res.records):
+        why = f"; dropped: {_fmt_list(res.report['dropped_by_reason'], 5)}" if res.report["n_dropped"] else ""
+        raise LesionGenError(f"curation of {root} kept no image of {res.report['n_rows_in']} row(s){why}; nothing written")
+    text = res.records.to_csv(index=False)
+    res.report["records_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    _publish_curation(out, text, res.report)
     _logger.info("curated %d of %d images into %s", res.report["n_kept"], res.report["n_rows_in"], out)
     return res
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_phantom.ipynb #c0af758c
 from __future__ import annotations
-import json, logging, math, os
+import io, json, logging, math, os, tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -21,6 +21,7 @@ from .core import (DERM7PT_CONCEPTS, DERM7PT_DIAGNOSIS_MAP, DX_NAMES, ELEVATIONS
                             ITA_BINS, ITA_CENTERS, RESEARCH_ONLY, LesionGenError, atomic_write_csv,
                             atomic_write_json, atomic_write_text, fitzpatrick_from_ita, ita_from_lab,
                             lab_for_fitzpatrick, seven_point_score)
+from .data import check_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -715,13 +716,30 @@ DERM7PT_META_COLUMNS: tuple[str, ...] = (
     "regression_structures", "dots_and_globules", "blue_whitish_veil", "vascular_structures",
     "level_of_diagnostic_difficulty", "elevation", "location", "sex", "management", "clinic", "derm", "notes")
 
-def _write_images(out: str, rows: list[dict], size: int, quality: int, clinic: bool) -> int:
-    "Render and save the images of `rows` below `out`; return how many were written"
+_PATH_OF = {"dermoscopic": "file_name", "clinic": "clinic_file_name"}  # modality -> truth column with the image path
+
+def _save_jpeg(path: Path, img: np.ndarray, quality: int) -> None:
+    "Encode `img` as JPEG and publish it at `path` by renaming a temp file, so a killed run never leaves a torn image"
+    buf = io.BytesIO(); Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f: f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
+
+def _is_image(path: Path) -> bool:
+    "Tell whether `path` holds a whole image (it decodes)"
+    try:
+        with Image.open(path) as im: im.load()
+        return True
+    except Exception: return False  # absent, or emptied by a crash of the machine before the data reached the disk
+
+def _write_images(out: str, jobs: list[tuple[dict, str]], size: int, quality: int) -> int:
+    "Render and publish the images of `jobs`, (truth row, modality) pairs, below `out`; return how many were written"
     out = Path(out)
-    for r in rows:
-        Image.fromarray(render_phantom(r, size)).save(out / r["file_name"], quality=quality)
-        if clinic: Image.fromarray(render_phantom(r, size, modality="clinic")).save(out / r["clinic_file_name"], quality=quality)
-    return len(rows)
+    for r, modality in jobs: _save_jpeg(out / r[_PATH_OF[modality]], render_phantom(r, size, modality=modality), quality)
+    return len(jobs)
 
 def ham10000_metadata(truth: pd.DataFrame,  # the truth table of a `ham10000` phantom
                      ) -> pd.DataFrame:     # HAM10000_metadata.csv as HAM10000 has it
@@ -773,34 +791,59 @@ Configuration:
 """
 
 # %% ../nbs/02_phantom.ipynb #d4731268
-def write_phantom(out: str|Path,          # dataset root to create (existing files are overwritten)
-                  cfg: PhantomConfig,     # the dataset settings
+_OWN_FILES = ("config.json", "README.md", "phantom_truth.csv", "HAM10000_metadata.csv", "meta/meta.csv",
+              "meta/train_indexes.csv", "meta/valid_indexes.csv", "meta/test_indexes.csv")  # besides the images
+
+def _claim(out: Path, cfg: PhantomConfig) -> bool:
+    "Write `out/config.json` before any image, or check that the one there is `cfg`'s; True when resuming a run"
+    path, want = out / "config.json", json.loads(json.dumps(asdict(cfg), default=str))
+    if path.is_file():
+        try: have = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LesionGenError(f"{path} is not a phantom config ({' '.join(str(e).split())}); pass another out") from None
+        if have != want:
+            have = have if isinstance(have, dict) else {}
+            diff = [f"{k} {str(have.get(k))[:40]} there, {str(want.get(k))[:40]} now" for k in want if have.get(k) != want[k]]
+            raise LesionGenError(f"{out} holds a phantom made with other settings ({'; '.join(diff) or 'other keys'}); "
+                                 "pass another out, or delete it to start over")
+        return True
+    if out.exists() and any(out.iterdir()): logger.warning("writing into the non-empty folder %s", out)
+    atomic_write_json(path, asdict(cfg))
+    return False
+
+def write_phantom(out: str|Path,          # dataset root to create, or the root of an interrupted run to complete
+                  cfg: PhantomConfig,     # the dataset settings (those of the interrupted run, when resuming)
                   progress: bool = True,  # show a progress bar
                   n_workers: int = 0,     # processes rendering images; 0 renders in this process
                  ) -> pd.DataFrame:       # the truth table, as written to `out/phantom_truth.csv`
-    "Render the phantom dataset of `cfg` into `out` in its format's file layout"
-    out = Path(out)
-    if out.exists() and not out.is_dir(): raise LesionGenError(f"out must be a folder, got the file {out}")
-    if out.exists() and any(out.iterdir()): logger.warning("writing into the non-empty folder %s", out)
+    "Render the phantom dataset of `cfg` into `out` in its format's file layout, completing an interrupted run"
+    out = check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = _claim(out, cfg)
     truth = sample_lesions(cfg)
-    for d in {(out / f).parent for f in truth.file_name}: d.mkdir(parents=True, exist_ok=True)
-    clinic = cfg.format == "derm7pt"
-    rows = truth.to_dict("records")
-    chunks = [rows[i:i + 64] for i in range(0, len(rows), 64)]
-    with tqdm(total=len(rows), desc=f"phantom {cfg.format}", unit="img", disable=not progress) as bar:
-        if n_workers > 0:
+    modalities = ("dermoscopic", "clinic") if cfg.format == "derm7pt" else ("dermoscopic",)
+    jobs = [(r, m) for r in truth.to_dict("records") for m in modalities]
+    for d in sorted({(out / r[_PATH_OF[m]]).parent for r, m in jobs}):
+        d.mkdir(parents=True, exist_ok=True)
+        for p in d.glob(".*.jpg.*.tmp"): p.unlink(missing_ok=True)  # torn temp images of a killed run
+    for f in _OWN_FILES:
+        for p in (out / f).parent.glob(f".{Path(f).name}.*.tmp"): p.unlink(missing_ok=True)
+    todo = [(r, m) for r, m in jobs if not (resume and _is_image(out / r[_PATH_OF[m]]))]
+    if len(todo) < len(jobs): logger.info("resuming %s: %d of %d images already written", out, len(jobs) - len(todo), len(jobs))
+    chunks = [todo[i:i + 64] for i in range(0, len(todo), 64)]
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"phantom {cfg.format}", unit="img", disable=not progress) as bar:
+        if n_workers > 0 and chunks:
             with ProcessPoolExecutor(n_workers) as ex:
                 for k in ex.map(_write_images, [str(out)] * len(chunks), chunks, [cfg.size] * len(chunks),
-                                [cfg.jpeg_quality] * len(chunks), [clinic] * len(chunks)): bar.update(k)
+                                [cfg.jpeg_quality] * len(chunks)): bar.update(k)
         else:
-            for c in chunks: bar.update(_write_images(str(out), c, cfg.size, cfg.jpeg_quality, clinic))
+            for c in chunks: bar.update(_write_images(str(out), c, cfg.size, cfg.jpeg_quality))
     if cfg.format == "ham10000": atomic_write_csv(out / "HAM10000_metadata.csv", ham10000_metadata(truth))
     else:
         atomic_write_csv(out / "meta" / "meta.csv", derm7pt_meta(truth))
         for split in ("train", "valid", "test"):
             atomic_write_csv(out / "meta" / f"{split}_indexes.csv", pd.DataFrame({"indexes": np.flatnonzero(truth.split == split)}))
-    atomic_write_json(out / "config.json", asdict(cfg))
     atomic_write_text(out / "README.md", _dataset_card(cfg, truth))
     atomic_write_csv(out / "phantom_truth.csv", truth)
-    logger.info("wrote %d phantom images (%s) to %s", len(truth), cfg.format, out)
+    logger.info("wrote %d phantom images (%s) to %s", len(jobs), cfg.format, out)
     return truth

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #bc347984
 from __future__ import annotations
-import csv, hashlib, io, json, math, os, random, re, shutil, time
+import contextlib, hashlib, io, json, math, os, random, re, shutil, tempfile, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Sequence
@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from safetensors.torch import load_file, save_file
+from accelerate.utils import ProjectConfiguration, set_seed, broadcast_object_list
+from safetensors.torch import load_file, save_file, save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from .core import LesionGenError, RESEARCH_ONLY, atomic_write_json, atomic_write_text, atomic_write_bytes
+from .core import (LesionGenError, RESEARCH_ONLY, TEMP_MARK, atomic_write_json, atomic_write_text,
+                            atomic_write_bytes, append_line, repair_torn_tail, publish_dir, remove_temps)
 from .data import read_records, unsafe_path_reason, is_missing
 from . import captions as _captions
 from .llm import read_captions
@@ -26,13 +27,15 @@ from . import model as _model
 
 # %% auto #0
 __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'DEFAULT_VALIDATION_PROMPTS', 'RESUMABLE_CHANGES',
-           'CHECKPOINT_RE', 'LOSS_FIELDS', 'TrainConfig', 'data_root_of', 'check_base', 'check_inputs',
-           'list_checkpoints', 'rng_state', 'set_rng_state', 'optimizer_state', 'optimizer_state_dict',
-           'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'resolve_mixed_precision', 'compact_config',
-           'trainable_names', 'downsampling_factor', 'load_components', 'resize_crop', 'load_image', 'prepare_dataset',
-           'to_unit_range', 'encode_latents', 'encode_prompts', 'epoch_permutation', 'batch_indices', 'make_batch',
-           'compute_loss', 'training_step', 'image_grid', 'validation_pipeline', 'log_validation', 'read_loss',
-           'plot_loss', 'save_outputs', 'train']
+           'CHECKPOINT_RE', 'CHECKPOINT_FORMAT', 'STATE_KEYS', 'LOSS_FIELDS', 'TrainConfig', 'read_json',
+           'data_root_of', 'check_base', 'undecodable_images', 'unwritable_reason', 'training_data_hash',
+           'check_inputs', 'list_checkpoints', 'read_state', 'check_resumable', 'rng_state', 'set_rng_state',
+           'optimizer_state', 'optimizer_state_dict', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
+           'resolve_mixed_precision', 'compact_config', 'trainable_names', 'downsampling_factor', 'load_components',
+           'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range', 'encode_latents', 'encode_prompts',
+           'epoch_permutation', 'batch_indices', 'make_batch', 'compute_loss', 'training_step', 'image_grid',
+           'validation_pipeline', 'log_validation', 'read_loss', 'append_loss', 'plot_loss', 'final_marker',
+           'save_outputs', 'train']
 
 # %% ../nbs/05_train.ipynb #7e27598f
 logger = get_logger(__name__, log_level="INFO")
@@ -166,6 +169,15 @@ def _ids(items, n: int = 5) -> str:
     items = list(items)
     return ", ".join(map(str, items[:n])) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
+def read_json(path: str|Path,  # a JSON file
+              what: str = "file",  # what the file is, for the message (`checkpoint state`, `curation report`)
+             ):  # the parsed JSON
+    "Read the JSON file `path`; a missing, unreadable or damaged file raises a one-line `LesionGenError` naming it"
+    try: return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError: raise LesionGenError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LesionGenError(f"{what} {path} is damaged or not JSON ({type(e).__name__}: {e})") from None
+
 def data_root_of(records: str|Path,  # a `records.csv`
                  data_root: str|Path|None = None,  # explicit dataset root; wins when given
                 ) -> Path:  # the folder the records' `file_name`s are relative to
@@ -176,7 +188,9 @@ def data_root_of(records: str|Path,  # a `records.csv`
         return root
     report = Path(records).with_name("curation_report.json")
     if report.is_file():
-        root = json.loads(report.read_text()).get("params", {}).get("root")
+        params = read_json(report, "curation report")
+        params = params.get("params") if isinstance(params, dict) else None
+        root = params.get("root") if isinstance(params, dict) else None
         if root and Path(root).is_dir(): return Path(root)
         raise LesionGenError(f"{report} names the dataset root {root!r}, which is not a folder; pass data_root")
     raise LesionGenError(f"no data_root given and no curation_report.json beside {records}; pass data_root")
@@ -192,8 +206,38 @@ def check_base(base: str,  # `compact`, a hub id or a local diffusers pipeline f
     if _HUB_ID.match(base) and not base.startswith((".", "~")): return "hub"
     raise LesionGenError(f"base model path not found: {base!r} (expected `compact`, a hub id or a diffusers pipeline folder)")
 
+def undecodable_images(paths: Sequence[str|Path],  # image files
+                      ) -> list[tuple[Path, str]]:  # (file, reason) for each one PIL cannot open and verify, in order
+    "Open and verify each of `paths` with PIL (header, and PNG checksums; no pixel decoding) and list those that fail"
+    from PIL import Image
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as im: im.verify()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad bytes
+            bad.append((Path(p), f"{type(e).__name__}: {e}"))
+    return bad
+
+def unwritable_reason(out: str|Path,  # a folder to create or write into
+                     ) -> str|None:  # why it cannot be, or None
+    "Say why the folder `out` cannot be created or written: it is a file, its path runs through a file, or no permission"
+    p = Path(out).absolute()
+    for q in (p, *p.parents):
+        if not q.exists(): continue
+        if not q.is_dir(): return f"{q} is a file, not a folder" if q == p else f"its path runs through the file {q}"
+        if not os.access(q, os.W_OK | os.X_OK): return f"{q} is not writable"
+        return None
+    return None
+
+def training_data_hash(records,             # the training records (`check_inputs`)
+                       texts: Sequence[str],  # their captions, same order
+                      ) -> str:  # 16 hex digits
+    "Hash what a run trains on (image ids, files and captions, in order); a resume must see the same"
+    rows = [[str(i), str(f), t] for i, f, t in zip(records["image_id"], records["file_name"], texts)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
 def check_inputs(cfg: TrainConfig,  # the run settings
-                ) -> dict:  # `records` (training rows), `texts` (their captions, same order), `root`, `base_kind`, `notes`
+                ) -> dict:  # `records` (training rows), `texts` (captions, same order), `root`, `base_kind`, `notes`, `data_hash`, `checkpoint` and its `state` (None when starting fresh)
     "Check the records, captions, images, base model and run folder of `cfg` before loading any model"
     for name in ("records", "captions", "out"):
         if not getattr(cfg, name): raise LesionGenError(f"{name} is required")
@@ -229,24 +273,76 @@ def check_inputs(cfg: TrainConfig,  # the run settings
         raise LesionGenError(f"{len(bad)} file_name(s) missing or escaping the dataset root: {_ids(map(repr, bad))}")
     if missing := [str(f) for f in train["file_name"] if not (root / f).is_file()]:
         raise LesionGenError(f"{len(missing)} image file(s) not found under {root}: {_ids(missing)}")
+    if bad := undecodable_images([root / f for f in train["file_name"]]):
+        raise LesionGenError(f"{len(bad)} of {len(train)} training image(s) cannot be decoded, first {bad[0][0]} ({bad[0][1]})"
+                             + (f"; also {_ids(p.name for p, _ in bad[1:])}" if len(bad) > 1 else ""))
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir(): raise LesionGenError(f"out must be a folder, got the file {out}")
+    if why := unwritable_reason(out): raise LesionGenError(f"cannot write the run folder {out}: {why}")
+    if foreign := [p for p in _checkpoint_dirs(out) if not (p / "state.json").is_file()]:
+        raise LesionGenError(f"{foreign[0]} is not a lesiongen checkpoint (no state.json): another tool's or a damaged "
+                             "folder; move it out of the run folder or use another out")
     if cfg.resume_from_checkpoint is None and list_checkpoints(out):
         raise LesionGenError(f"{out} already holds checkpoints; pass resume_from_checkpoint='latest' or another out")
     if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise LesionGenError(f"resume_from_checkpoint not found: {cfg.resume_from_checkpoint}")
-    return dict(records=train, texts=[by_id[i][0] for i in train_ids], root=root, base_kind=base_kind, notes=notes)
+    texts = [by_id[i][0] for i in train_ids]
+    data_hash = training_data_hash(train, texts)
+    ckpt = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+    state = read_state(ckpt) if ckpt is not None else None
+    if state is not None: check_resumable(state, cfg, ckpt, data_hash)
+    return dict(records=train, texts=texts, root=root, base_kind=base_kind, notes=notes, data_hash=data_hash,
+                checkpoint=ckpt, state=state)
 
 # %% ../nbs/05_train.ipynb #3f55f872
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-def list_checkpoints(out: str|Path,  # run folder
-                    ) -> list[Path]:  # complete `checkpoint-{step}` folders, oldest first
-    "List the complete checkpoints in `out` by step"
+CHECKPOINT_FORMAT = 1  # version of the checkpoint layout written by `save_checkpoint`
+STATE_KEYS = ("format", "step", "epoch", "batch", "optimizer", "lr_scheduler", "num_processes", "config")
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    "Every `checkpoint-{step}` folder in `out`, oldest first, complete or not"
     out = Path(out)
     if not out.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+def list_checkpoints(out: str|Path,  # run folder
+                    ) -> list[Path]:  # `checkpoint-{step}` folders holding a `state.json`, oldest first
+    "List the checkpoints in `out` by step"
+    return [p for p in _checkpoint_dirs(out) if (p / "state.json").is_file()]
+
+def read_state(path: str|Path,  # a `checkpoint-{step}` folder
+              ) -> dict:  # its `state.json`
+    "Read and check the `state.json` of the checkpoint `path`; a damaged or foreign one raises a `LesionGenError` naming it"
+    f = Path(path) / "state.json"
+    state = read_json(f, "checkpoint state")
+    if not isinstance(state, dict): raise LesionGenError(f"{f} is not a lesiongen checkpoint state (a JSON {type(state).__name__}, not an object)")
+    if missing := [k for k in STATE_KEYS if k not in state]:
+        raise LesionGenError(f"{f} is not a lesiongen checkpoint state: no {', '.join(missing)}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise LesionGenError(f"{f} has checkpoint format {state['format']!r}; this lesiongen reads format {CHECKPOINT_FORMAT}")
+    if bad := [k for k in ("step", "epoch", "batch", "num_processes")
+               if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]:
+        raise LesionGenError(f"{f} is damaged: {', '.join(f'{k}={state[k]!r}' for k in bad)} (expected integers >= 0)")
+    if not isinstance(state["config"], dict) or not isinstance(state["optimizer"], dict) or \
+       not {"param_groups", "scalars"} <= set(state["optimizer"]):
+        raise LesionGenError(f"{f} is damaged: its config or optimizer entry is malformed")
+    return state
+
+def check_resumable(state: dict,  # a checkpoint's `state.json` (`read_state`)
+                    cfg: TrainConfig,  # the settings of the run resuming from it
+                    path: str|Path,  # the checkpoint folder, for messages
+                    data_hash: str|None = None,  # `training_data_hash` of the resuming run; None: not compared
+                   ) -> None:
+    "Refuse to resume from the checkpoint `path` with settings or training data other than those it was saved with"
+    saved, now = state["config"], _to_json(asdict(cfg))
+    if diff := [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]:
+        raise LesionGenError(f"cannot resume from {path}: setting(s) changed since it was saved: "
+                             + "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:5])
+                             + "; use the original settings, or another out to start a new run")
+    if data_hash is not None and state.get("data_hash") not in (None, data_hash):
+        raise LesionGenError(f"cannot resume from {path}: the training data changed since it was saved (records, image "
+                             f"files or captions; data hash {state['data_hash']} -> {data_hash}); use another out to start a new run")
 
 def _to_json(obj):
     "Convert `obj` (tuples, numpy scalars, tensors of one value) to plain JSON, refusing anything else"
@@ -302,6 +398,27 @@ def optimizer_state_dict(tensors: dict, js: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 # %% ../nbs/05_train.ipynb #2269ee91
+def _fsync_tree(folder: Path) -> None:
+    "Flush every file under `folder`, and the folders themselves, to disk (so that a rename publishes durable content)"
+    for p in [*sorted(Path(folder).rglob("*")), Path(folder)]:
+        fd = os.open(p, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+
+def _discard(folder: Path) -> None:
+    "Delete `folder` by renaming it to a temp name first: a kill mid-way leaves a temp folder, never a partial `folder`"
+    tmp = folder.with_name(f".{folder.name}{TEMP_MARK}del")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(folder, tmp)
+    shutil.rmtree(tmp)
+
+def _shared_path(path: Path|None, accelerator: Accelerator) -> Path:
+    "Send the main process's `path` to every process"
+    if accelerator.num_processes == 1: return path
+    obj = [str(path) if accelerator.is_main_process else None]
+    broadcast_object_list(obj)
+    return Path(obj[0])
+
 def save_checkpoint(out: Path,            # run folder
                     step: int,            # global (optimizer) step just completed
                     position: dict,       # loop position: `epoch`, `batch` (micro-batches of that epoch consumed)
@@ -310,36 +427,36 @@ def save_checkpoint(out: Path,            # run folder
                     optimizer, lr_scheduler,
                     ema,                  # `EMAModel` or None
                     cfg: TrainConfig,
+                    data_hash: str|None = None,  # `training_data_hash` of the run, checked on resume
                    ) -> Path|None:  # the checkpoint folder (main process), else None
-    "Save the full training state of `step` as `out/checkpoint-{step}` (safetensors + JSON, no pickle)"
-    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    "Save the full training state of `step` as `out/checkpoint-{step}` (safetensors + JSON, no pickle), published by rename"
+    final = out / f"checkpoint-{step}"
     names = trainable_names(accelerator.unwrap_model(model))
-    if accelerator.is_main_process:
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rt, rj = rng_state()
-    save_file(_tensors(rt), tmp / f"rng-{accelerator.process_index}.safetensors")
-    atomic_write_json(tmp / f"rng-{accelerator.process_index}.json", rj)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process: return None
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    save_file(_tensors({n: params[n] for n in names}), tmp / "model.safetensors")
-    ot, oj = optimizer_state(optimizer)
-    save_file(ot, tmp / "optimizer.safetensors")
-    state = {"step": step, **position, "optimizer": oj, "lr_scheduler": _to_json(lr_scheduler.state_dict()),
-             "num_processes": accelerator.num_processes, "config": _to_json(asdict(cfg)), "format": 1}
-    if ema is not None:
-        sd = ema.state_dict()
-        save_file(_tensors(dict(zip(names, sd.pop("shadow_params")))), tmp / "ema.safetensors")
-        state["ema"] = _to_json(sd)
-    if accelerator.scaler is not None: state["grad_scaler"] = _to_json(accelerator.scaler.state_dict())
-    atomic_write_json(tmp / "state.json", state)
-    if final.exists(): shutil.rmtree(final)
-    os.replace(tmp, final)
+    main = accelerator.is_main_process
+    with (publish_dir(final) if main else contextlib.nullcontext()) as tmp:
+        tmp = _shared_path(tmp, accelerator)
+        rt, rj = rng_state()
+        save_file(_tensors(rt), tmp / f"rng-{accelerator.process_index}.safetensors")
+        atomic_write_json(tmp / f"rng-{accelerator.process_index}.json", rj)
+        accelerator.wait_for_everyone()
+        if not main: return None
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        save_file(_tensors({n: params[n] for n in names}), tmp / "model.safetensors")
+        ot, oj = optimizer_state(optimizer)
+        save_file(ot, tmp / "optimizer.safetensors")
+        state = {"format": CHECKPOINT_FORMAT, "step": step, **position, "optimizer": oj,
+                 "lr_scheduler": _to_json(lr_scheduler.state_dict()), "num_processes": accelerator.num_processes,
+                 "config": _to_json(asdict(cfg)), "data_hash": data_hash}
+        if ema is not None:
+            sd = ema.state_dict()
+            save_file(_tensors(dict(zip(names, sd.pop("shadow_params")))), tmp / "ema.safetensors")
+            state["ema"] = _to_json(sd)
+        if accelerator.scaler is not None: state["grad_scaler"] = _to_json(accelerator.scaler.state_dict())
+        atomic_write_json(tmp / "state.json", state)  # last: a folder with state.json is complete
+        _fsync_tree(tmp)
     if cfg.checkpoints_total_limit is not None:
         for old in list_checkpoints(out)[:-cfg.checkpoints_total_limit]:
-            shutil.rmtree(old); logger.info(f"removed {old.name} (checkpoints_total_limit={cfg.checkpoints_total_limit})")
+            _discard(old); logger.info(f"removed {old.name} (checkpoints_total_limit={cfg.checkpoints_total_limit})")
     logger.info(f"saved {final}")
     return final
 
@@ -353,35 +470,54 @@ def resolve_checkpoint(out: Path, resume: str|None) -> Path|None:
     if not (path / "state.json").is_file(): raise LesionGenError(f"not a lesiongen checkpoint (no state.json): {path}")
     return path
 
+def _load_tensors(path: Path) -> dict:
+    "Read the safetensors file `path` of a checkpoint; a missing or damaged one raises a `LesionGenError` naming it"
+    try: return load_file(path)
+    except Exception as e:  # FileNotFoundError, safetensors' SafetensorError, ...
+        raise LesionGenError(f"checkpoint file {path} is missing or damaged ({type(e).__name__}: {e})") from None
+
+def _restore(path: Path, what: str, fn) -> None:
+    "Run `fn()`, which loads `path` into `what`; a mismatch raises a `LesionGenError` naming the file"
+    try: fn()
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise LesionGenError(f"checkpoint file {path} does not fit the {what} ({type(e).__name__}: {e})") from None
+
 def load_checkpoint(path: Path,           # a `checkpoint-{step}` folder
                     accelerator: Accelerator,
                     model, optimizer, lr_scheduler, ema,
                     cfg: TrainConfig,
                    ) -> dict:  # `step`, `epoch`, `batch` of the saved position
     "Restore the training state saved in `path` (no unpickling)"
-    state = json.loads((path / "state.json").read_text())
-    saved = state["config"]
-    now = _to_json(asdict(cfg))
-    if diff := [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]:
-        raise LesionGenError(f"cannot resume from {path}: setting(s) changed since it was saved: "
-                             + "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:5]))
+    path = Path(path)
+    state = read_state(path)
+    check_resumable(state, cfg, path)
     if state["num_processes"] != accelerator.num_processes:
         raise LesionGenError(f"{path} was saved with {state['num_processes']} process(es), resuming with {accelerator.num_processes}")
     unwrapped = accelerator.unwrap_model(model)
-    params = dict(unwrapped.named_parameters())
-    weights = load_file(path / "model.safetensors")
-    if sorted(weights) != sorted(trainable_names(unwrapped)):
-        raise LesionGenError(f"{path}/model.safetensors does not match the model's trainable parameters")
+    params, names = dict(unwrapped.named_parameters()), trainable_names(unwrapped)
+    weights = _load_tensors(path / "model.safetensors")
+    if sorted(weights) != sorted(names):
+        raise LesionGenError(f"{path / 'model.safetensors'} does not match the model's trainable parameters")
+    if bad := [n for n in names if weights[n].shape != params[n].shape]:
+        raise LesionGenError(f"{path / 'model.safetensors'}: {bad[0]} has shape {tuple(weights[bad[0]].shape)}, the model's "
+                             f"{tuple(params[bad[0]].shape)}")
     with torch.no_grad():
         for n, v in weights.items(): params[n].copy_(v)
-    optimizer.load_state_dict(optimizer_state_dict(load_file(path / "optimizer.safetensors"), state["optimizer"]))
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    ot = _load_tensors(path / "optimizer.safetensors")
+    _restore(path / "optimizer.safetensors", "optimizer",
+             lambda: optimizer.load_state_dict(optimizer_state_dict(ot, state["optimizer"])))
+    _restore(path / "state.json", "LR scheduler", lambda: lr_scheduler.load_state_dict(state["lr_scheduler"]))
     if ema is not None:
-        shadow = load_file(path / "ema.safetensors")
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[n].to(accelerator.device) for n in trainable_names(unwrapped)]})
-    if accelerator.scaler is not None and "grad_scaler" in state: accelerator.scaler.load_state_dict(state["grad_scaler"])
+        shadow = _load_tensors(path / "ema.safetensors")
+        if "ema" not in state or sorted(shadow) != sorted(names) or any(shadow[n].shape != params[n].shape for n in names):
+            raise LesionGenError(f"{path / 'ema.safetensors'} does not match the model's trainable parameters (or state.json has no ema)")
+        _restore(path / "ema.safetensors", "EMA model",
+                 lambda: ema.load_state_dict({**state["ema"], "shadow_params": [shadow[n].to(accelerator.device) for n in names]}))
+    if accelerator.scaler is not None and "grad_scaler" in state:
+        _restore(path / "state.json", "gradient scaler", lambda: accelerator.scaler.load_state_dict(state["grad_scaler"]))
     i = accelerator.process_index
-    set_rng_state(load_file(path / f"rng-{i}.safetensors"), json.loads((path / f"rng-{i}.json").read_text()))
+    rt, rj = _load_tensors(path / f"rng-{i}.safetensors"), read_json(path / f"rng-{i}.json", "checkpoint RNG state")
+    _restore(path / f"rng-{i}.json", "random number generators", lambda: set_rng_state(rt, rj))
     logger.info(f"resumed from {path} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     return {k: state[k] for k in ("step", "epoch", "batch")}
 
@@ -463,7 +599,10 @@ def resize_crop(im: "PIL.Image.Image",  # any PIL image
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     "Read `path` as a uint8 [3, `resolution`, `resolution`] tensor: shorter side resized, centre-cropped"
     from PIL import Image
-    with Image.open(path) as im: return resize_crop(im, resolution)
+    try:
+        with Image.open(path) as im: return resize_crop(im, resolution)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise LesionGenError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
 
 def prepare_dataset(records,                 # training records (`check_inputs`)
                     root: Path,              # dataset root
@@ -516,16 +655,17 @@ def encode_prompts(texts: Sequence[str],   # prompts to encode (duplicates are e
     cache, path = {}, None
     if cache_dir is not None:
         path = Path(cache_dir) / f"text-{hashlib.sha256(tag.encode()).hexdigest()[:12]}.safetensors"
-        if path.is_file(): cache = load_file(path)
+        if path.is_file():
+            try: cache = load_file(path)
+            except Exception as e:  # a cache: a damaged file is rebuilt, not fatal
+                logger.warning(f"text cache {path} is damaged ({type(e).__name__}); encoding again"); cache = {}
     todo = [t for t in uniq if _cache_key(t, tag) + ".hidden" not in cache]
     if todo:
         h, m = _model.encode_text(todo, tokenizer, text_encoder, max_length=max_length, device=device)
         for t, hi, mi in zip(todo, h.float().cpu(), m.cpu()):
             cache[_cache_key(t, tag) + ".hidden"], cache[_cache_key(t, tag) + ".mask"] = hi.contiguous(), mi.contiguous()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            save_file(cache, tmp); os.replace(tmp, path)
+            atomic_write_bytes(path, safetensors_bytes(cache))
     hidden = torch.stack([cache[_cache_key(t, tag) + ".hidden"] for t in uniq])
     mask = torch.stack([cache[_cache_key(t, tag) + ".mask"] for t in uniq])
     return dict(hidden=hidden, mask=mask, index=index, encoded=len(todo))
@@ -661,14 +801,34 @@ def log_validation(accelerator: Accelerator, unet, components: dict, ema, cfg: T
 LOSS_FIELDS = ("step", "loss", "lr")
 
 def read_loss(out: str|Path) -> list[dict]:
-    "Read `out/loss.csv` as a list of {step, loss, lr}"
+    "Read `out/loss.csv` as a list of {step, loss, lr}, ignoring a torn last line that an interrupted append left"
     path = Path(out) / "loss.csv"
     if not path.is_file(): return []
-    with path.open() as f:
-        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"): lines = lines[:-1]  # torn: cut by `repair_torn_tail` on resume
+    if not lines: return []
+    if lines[0].strip() != ",".join(LOSS_FIELDS): raise LesionGenError(f"{path} is not a lesiongen loss log (header {lines[0].strip()!r})")
+    rows = []
+    for no, line in enumerate(lines[1:], start=2):
+        parts = line.strip().split(",")
+        try:
+            if len(parts) != len(LOSS_FIELDS): raise ValueError(f"{len(parts)} fields")
+            rows.append({"step": int(parts[0]), "loss": float(parts[1]), "lr": float(parts[2])})
+        except ValueError: raise LesionGenError(f"{path} line {no} is damaged: {line.strip()!r}") from None
+    return rows
+
+def append_loss(out: Path, step: int, loss: float, lr: float) -> None:
+    "Append the row of `step` to `out/loss.csv`, flushed to disk"
+    append_line(Path(out) / "loss.csv", f"{step},{loss!r},{lr!r}")
 
 def _truncate_loss(out: Path, step: int) -> None:
+    "Repair a torn tail of `out/loss.csv` and keep the rows up to `step` (the checkpoint a run resumes from)"
+    if cut := repair_torn_tail(out / "loss.csv"):
+        logger.warning(f"cut a torn last line ({cut} bytes) off {out / 'loss.csv'}, left by an interrupted run")
     rows = [r for r in read_loss(out) if r["step"] <= step]
+    if [r["step"] for r in rows] != list(range(1, step + 1)):
+        logger.warning(f"{out / 'loss.csv'} does not hold one row for each of steps 1..{step}; its history has gaps")
     atomic_write_text(out / "loss.csv", ",".join(LOSS_FIELDS) + "\n" + "".join(f"{r['step']},{r['loss']!r},{r['lr']!r}\n" for r in rows))
 
 def plot_loss(out: str|Path,        # run folder holding `loss.csv`
@@ -689,19 +849,44 @@ def plot_loss(out: str|Path,        # run folder holding `loss.csv`
     buf = io.BytesIO(); fig.savefig(buf, format="png")
     return atomic_write_bytes(Path(out) / "loss.png", buf.getvalue())
 
+def final_marker(cfg: TrainConfig) -> str:
+    "Name the file whose presence in the run folder means its final weights are complete: the LoRA file or `model_index.json`"
+    return _model.LORA_WEIGHT_NAME if cfg.base != "compact" and not cfg.full else "model_index.json"
+
+def _publish_parts(src: Path,  # a folder holding the final files
+                   out: Path,  # the run folder
+                   marker: str,  # the entry of `src` moved last
+                  ) -> None:
+    "Move every entry of `src` into `out`, replacing what is there; the marker is removed first and moved in last"
+    (out / marker).unlink(missing_ok=True)  # not finished while the parts are swapped
+    for p in sorted(src.iterdir()):
+        if p.name == marker: continue
+        dest = out / p.name
+        if p.is_dir() and dest.is_dir():
+            old = out / f".{p.name}{TEMP_MARK}old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old); os.replace(p, dest); shutil.rmtree(old)
+        else: os.replace(p, dest)
+    os.replace(src / marker, out / marker)
+
 def save_outputs(accelerator: Accelerator, unet, components: dict, ema, cfg: TrainConfig) -> Path:
-    "Write the final weights of the run (EMA if any) as safetensors into `cfg.out`"
+    "Write the final weights of the run (EMA if any) as safetensors into `cfg.out`, the marker file last"
     out = Path(cfg.out)
     model = accelerator.unwrap_model(unet)
     if ema is not None: ema.copy_to(list(model.parameters()))
-    if cfg.base != "compact" and not cfg.full: path = _model.save_lora(model, out)
-    else:
-        validation_pipeline(components, model, cfg).save_pretrained(out, safe_serialization=True)
-        path = out
-    atomic_write_text(out / "README.md", f"# lesiongen run\n\n{RESEARCH_ONLY}\n\nbase: `{cfg.base}`; "
-                      f"{'LoRA rank ' + str(cfg.rank) if cfg.base != 'compact' and not cfg.full else 'full UNet weights'}; "
-                      f"{cfg.max_train_steps} steps at {cfg.resolution} px. Settings: `config.json`; loss: `loss.csv`.\n")
-    return path
+    lora = cfg.base != "compact" and not cfg.full
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".final{TEMP_MARK}"))
+    try:
+        if lora: _model.save_lora(model, tmp)
+        else: validation_pipeline(components, model, cfg).save_pretrained(tmp, safe_serialization=True)
+        atomic_write_text(tmp / "README.md", f"# lesiongen run\n\n{RESEARCH_ONLY}\n\nbase: `{cfg.base}`; "
+                          f"{'LoRA rank ' + str(cfg.rank) if lora else 'full UNet weights'}; "
+                          f"{cfg.max_train_steps} steps at {cfg.resolution} px. Settings: `config.json`; loss: `loss.csv`.\n")
+        _fsync_tree(tmp)
+        _publish_parts(tmp, out, final_marker(cfg))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / _model.LORA_WEIGHT_NAME if lora else out
 
 # %% ../nbs/05_train.ipynb #7bf61bb1
 def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `TrainConfig()` for the paper's LoRA, ...)
@@ -723,20 +908,34 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     for note in checked["notes"]: logger.warning(note)
     n, per_batch = len(checked["records"]), cfg.train_batch_size * accelerator.num_processes
     if n < per_batch: raise LesionGenError(f"{n} training image(s) are fewer than one batch ({cfg.train_batch_size} × {accelerator.num_processes} process(es))")
+    ckpt, state = checked["checkpoint"], checked["state"]
+    if state is not None and state["num_processes"] != accelerator.num_processes:
+        raise LesionGenError(f"{ckpt} was saved with {state['num_processes']} process(es), resuming with {accelerator.num_processes}")
+    finished = state is not None and state["step"] >= cfg.max_train_steps and (out / final_marker(cfg)).is_file()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", {**asdict(cfg), "resolved_mixed_precision": mixed, "research_use": RESEARCH_ONLY})
+        if gone := remove_temps(out) + remove_temps(out / "validation"):
+            logger.info(f"removed {len(gone)} temp file(s) an interrupted run left in {out}: {_ids(gone, 3)}")
+        if not finished:  # the weights will change: the folder no longer holds final weights until the end
+            (out / final_marker(cfg)).unlink(missing_ok=True)
+            atomic_write_json(out / "config.json", {**asdict(cfg), "resolved_mixed_precision": mixed, "research_use": RESEARCH_ONLY})
+    accelerator.wait_for_everyone()
+    if finished:
+        logger.info(f"{out} already holds the final weights of step {state['step']}; nothing to do")
+        accelerator.end_training()
+        return out
     set_seed(cfg.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     device = accelerator.device
 
+    # decoded before the models are built: a damaged image is named in seconds, not after minutes of loading
+    images = prepare_dataset(checked["records"], checked["root"], cfg.resolution, progress=cfg.progress and accelerator.is_local_main_process)
     components = load_components(cfg, weight_dtype, device)
     unet = components["unet"]
     factor = downsampling_factor(components)
     if cfg.resolution % factor:
         raise LesionGenError(f"resolution {cfg.resolution} is not a multiple of the model's downsampling factor {factor}")
 
-    images = prepare_dataset(checked["records"], checked["root"], cfg.resolution, progress=cfg.progress and accelerator.is_local_main_process)
     data: dict = {}
     scaling = None
     if components["vae"] is not None:
@@ -768,11 +967,11 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     micro_total = cfg.max_train_steps * cfg.gradient_accumulation_steps
     num_epochs = math.ceil(micro_total / batches_per_epoch)
     step, epoch0, batch0 = 0, 0, 0
-    ckpt = resolve_checkpoint(out, cfg.resume_from_checkpoint)
     if cfg.resume_from_checkpoint == "latest" and ckpt is None: logger.info(f"no checkpoint in {out}; starting fresh")
     if ckpt is not None:
         pos = load_checkpoint(ckpt, accelerator, unet, optimizer, lr_scheduler, ema, cfg)
         step, epoch0, batch0 = pos["step"], pos["epoch"], pos["batch"]
+    start = step
     if accelerator.is_main_process: _truncate_loss(out, step)
 
     logger.info(f"training {cfg.base} ({'LoRA rank ' + str(cfg.rank) if cfg.base != 'compact' and not cfg.full else 'full'}): "
@@ -782,7 +981,6 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="steps", disable=not (cfg.progress and accelerator.is_local_main_process))
     noise_scheduler = components["noise_scheduler"]
     window: list[float] = []
-    loss_file = (out / "loss.csv").open("a") if accelerator.is_main_process else None
     try:
         for epoch in range(epoch0, num_epochs):
             order = epoch_permutation(n, cfg.seed, epoch)
@@ -797,27 +995,35 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
                 loss, lr = sum(window) / len(window), lr_scheduler.get_last_lr()[0]
                 window = []
                 bar.update(1); bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if loss_file is not None: loss_file.write(f"{step},{loss!r},{lr!r}\n"); loss_file.flush()
+                if accelerator.is_main_process: append_loss(out, step, loss, lr)
                 accelerator.log({"train_loss": loss, "lr": lr}, step=step)
-                if not math.isfinite(loss): raise RuntimeError(f"training loss is {loss} at step {step}; lower learning_rate")
-                position = dict(epoch=epoch, batch=b + 1) if b + 1 < batches_per_epoch else dict(epoch=epoch + 1, batch=0)
-                if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-                    save_checkpoint(out, step, position, accelerator, unet, optimizer, lr_scheduler, ema, cfg)
+                if not math.isfinite(loss):
+                    raise LesionGenError(f"training loss is {loss} at step {step}: the run diverged; lower learning_rate "
+                                         f"(now {cfg.learning_rate:g}) and start a new run")
+                # every output of a step is written before its checkpoint: a run resumed from `checkpoint-{step}`
+                # never has to redo anything of `step` (the grid is drawn under `fork_rng`, off the trajectory)
                 every = cfg.validation_steps or cfg.checkpointing_steps
                 if accelerator.is_main_process and (step % every == 0 or step == cfg.max_train_steps):
                     log_validation(accelerator, unet, components, ema, cfg, step)
+                position = dict(epoch=epoch, batch=b + 1) if b + 1 < batches_per_epoch else dict(epoch=epoch + 1, batch=0)
+                if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+                    save_checkpoint(out, step, position, accelerator, unet, optimizer, lr_scheduler, ema, cfg, checked["data_hash"])
             if step >= cfg.max_train_steps or (stop_at_step is not None and step >= stop_at_step): break
+    except KeyboardInterrupt:
+        done = list_checkpoints(out)
+        logger.warning(f"interrupted at step {step}; the latest checkpoint is {done[-1].name if done else 'none'}: "
+                       "resume with resume_from_checkpoint='latest'")
+        raise
     finally:
         bar.close()
-        if loss_file is not None: loss_file.close()
     accelerator.wait_for_everyone()
     if step < cfg.max_train_steps:
         logger.info(f"stopped at step {step} of {cfg.max_train_steps}; resume with resume_from_checkpoint='latest'")
         accelerator.end_training()
         return out
     if accelerator.is_main_process:
-        save_outputs(accelerator, unet, components, ema, cfg)
         plot_loss(out)
-        logger.info(f"finished {step} steps; outputs in {out}")
+        save_outputs(accelerator, unet, components, ema, cfg)  # its marker file, last, says the run is finished
+        logger.info(f"finished {step} steps" + (f" (resumed at step {start})" if start else "") + f"; outputs in {out}")
     accelerator.end_training()
     return out

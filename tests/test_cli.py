@@ -1,6 +1,9 @@
 """Command-line and cross-module behaviour: what a user typing `lesiongen ...` sees."""
+import errno
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +111,7 @@ def test_run_pipeline_resumes(tmp_path):
 
 def test_bad_argument_named(tmp_path):
     p = run("phantom", "--out", tmp_path / "ph", "--n", 0, check=False)
-    assert p.returncode == 2 and re.search(r"\bn\b", p.stderr), p.stderr
+    assert p.returncode == 2 and re.fullmatch(r"lesiongen phantom: error: n must be .*\b0", _error_line(p)), p.stderr
 
 
 def _curated(tmp_path, n=24, fmt="derm7pt"):
@@ -213,10 +216,11 @@ def test_generate_then_curate_from_the_command_line(tmp_path):
     assert "--plan" in run("generate", "--help").stdout and "generate" in run("--help").stdout
     syn = tmp_path / "syn"
     p = run("generate", "--model", model, "--records", records, "--plan", "balanced", "--n", 12, "--out", syn,
-            "--steps", 2, "--batch-size", 4, "--seed", 3, "--quiet")
+            "--steps", 2, "--batch-size", 4, "--seed", 3, "--guidance-interval", 0.2, 0.8, "--quiet")
     assert "not for clinical use" in p.stdout and "12 images" in p.stdout
     meta = pd.read_csv(syn / "metadata.csv")
     assert len(meta) == 12 and set(meta["steps"]) == {2} and meta["fitzpatrick"].between(1, 6).all()
+    assert set(meta["guidance_interval"]) == {"0.2-0.8"}
     assert sorted(f.name for f in (syn / "images").iterdir()) == sorted(Path(f).name for f in meta["file_name"])
     assert json.loads((syn / "config.json").read_text())["seed"] == 3
     p = run("curate", "--dataset", "folder", "--root", syn, "--csv", "metadata.csv", "--image-col", "file_name",
@@ -224,7 +228,7 @@ def test_generate_then_curate_from_the_command_line(tmp_path):
     rec = pd.read_csv(tmp_path / "cur2" / "records.csv")
     assert len(rec) == 12 and sorted(rec["dx"]) == sorted(meta["dx"])
     p = run("generate", "--model", model, "--records", records, "--plan", "balanced", "--n", 12, "--out", syn,
-            "--steps", 2, "--batch-size", 4, "--seed", 4, "--quiet", check=False)
+            "--steps", 2, "--batch-size", 4, "--seed", 4, "--guidance-interval", 0.2, 0.8, "--quiet", check=False)
     assert p.returncode == 2 and "seed: 3 -> 4" in _error_line(p)
 
 
@@ -235,6 +239,7 @@ def test_generate_bad_input_named(tmp_path):
     for extra, match in ((["--model", tmp_path, "--n", 4], "not a lesiongen/diffusers model"),
                          (["--model", model, "--n", 0], "n must be a positive integer"),
                          (["--model", model, "--n", 4, "--guidance", -1], "guidance_scale"),
+                         (["--model", model, "--n", 4, "--guidance-interval", 0.8, 0.2], "guidance_interval must satisfy"),
                          (["--model", model, "--n", 4, "--plan", "counterfactual", "--cf-values", "1", "8"], "unknown skin type '8'")):
         p = run(*common, *extra, check=False)
         assert p.returncode == 2 and match in _error_line(p), p.stderr
@@ -272,3 +277,115 @@ def test_train_model_config(tmp_path):
     run(*common, "--out", out, "--model-config", mc)
     assert json.loads((out / "config.json").read_text())["model_config"]["block_out_channels"] == [16, 32]
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
+
+
+# --- failures a user causes or can fix: one line, exit 2 (130 Ctrl-C, 143 SIGTERM); a bug: traceback + where to report
+
+def _main(monkeypatch, capsys, argv, **replace):
+    "Run `cli.main(argv)` in this process with sub-commands replaced (`_cmd_phantom=fn`); return status and stderr"
+    import lesiongen.cli as cli
+    for name, fn in replace.items(): monkeypatch.setattr(cli, name, fn)
+    try: status = cli.main([str(a) for a in argv])
+    except KeyboardInterrupt: pytest.fail("KeyboardInterrupt escaped cli.main")  # it would end the whole session
+    return status, capsys.readouterr().err
+
+
+OUT_ARGS = {  # a valid command line for each command, but for --out
+    "run": ["run", "--n", 8, "--quiet"],
+    "phantom": ["phantom", "--n", 8, "--quiet"],
+    "curate": ["curate", "--dataset", "ham10000", "--root", "ROOT"],
+    "caption": ["caption", "--records", "ROOT/records.csv"],
+    "train": ["train", "--records", "ROOT/records.csv", "--captions", "ROOT/c.jsonl", "--base", "compact"],
+    "generate": ["generate", "--model", "ROOT", "--n", 4],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OUT_ARGS))
+def test_out_through_a_file_is_one_line(tmp_path, monkeypatch, capsys, command):
+    (tmp_path / "notes.txt").write_text("x")
+    argv = [str(a).replace("ROOT", str(tmp_path)) for a in OUT_ARGS[command]]
+    status, err = _main(monkeypatch, capsys, [*argv, "--out", tmp_path / "notes.txt" / "out"])
+    assert status == 2 and err.strip() == (f"lesiongen {command}: error: cannot write --out {tmp_path / 'notes.txt' / 'out'}: "
+                                           f"its path runs through the file {tmp_path / 'notes.txt'}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_through_a_file_from_the_shell(tmp_path):
+    "The same through the console script: one line, no traceback"
+    (tmp_path / "notes.txt").write_text("x")
+    p = run("phantom", "--out", tmp_path / "notes.txt" / "ph", "--n", 8, check=False)
+    assert p.returncode == 2 and "runs through the file" in _error_line(p) and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_out_not_writable(tmp_path, monkeypatch, capsys):
+    "As root a chmod does not stop writes, so the permission check is faked"
+    import lesiongen.cli as cli
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    status, err = _main(monkeypatch, capsys, ["phantom", "--n", 8, "--quiet", "--out", tmp_path / "ph"])
+    assert status == 2 and err.strip() == f"lesiongen phantom: error: cannot write --out {tmp_path / 'ph'}: {tmp_path} is not writable"
+    assert not (tmp_path / "ph").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_out_read_only_folder(tmp_path):
+    (tmp_path / "ro").mkdir(); (tmp_path / "ro").chmod(0o555)
+    p = run("phantom", "--out", tmp_path / "ro" / "ph", "--n", 8, check=False)
+    assert p.returncode == 2 and "is not writable" in _error_line(p)
+
+
+def test_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    "ENOSPC raised by the first fsync of a real writer (every atomic write and log append fsyncs)"
+    def full(fd): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    status, err = _main(monkeypatch, capsys, ["phantom", "--n", 8, "--quiet", "--out", tmp_path / "ph"])
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("lesiongen phantom: error: No space left on device; free some space, then "
+                                            "re-run the same command to write the dataset again")
+
+
+def test_system_error_with_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    def denied(a): raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "x.csv"))
+    status, err = _main(monkeypatch, capsys, ["phantom", "--n", 8, "--out", tmp_path / "ph"], _cmd_phantom=denied)
+    assert status == 2 and err.strip() == f"lesiongen phantom: error: Permission denied: {tmp_path / 'x.csv'}"
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["phantom", "--n", 8, "--out", "OUT"], "re-run the same command to write the dataset again"),
+    (["generate", "--model", "M", "--n", 4, "--out", "OUT"], "re-run the same command to resume: finished images are kept"),
+    (["train", "--records", "r", "--captions", "c", "--base", "compact", "--out", "OUT"],
+     "re-run the same command with --resume latest to continue from the last checkpoint"),
+    (["train", "--records", "r", "--captions", "c", "--base", "compact", "--out", "OUT", "--resume", "latest"],
+     "re-run the same command to resume from the last checkpoint"),
+])
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, hint):
+    def ctrl_c(a): raise KeyboardInterrupt
+    argv = [str(a).replace("OUT", str(tmp_path / "out")) for a in argv]
+    status, err = _main(monkeypatch, capsys, argv, **{f"_cmd_{argv[0]}": ctrl_c})
+    assert status == 130 and err.strip() == f"lesiongen {argv[0]}: interrupted; {hint}", err
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    "SIGTERM (a pre-empted job) unwinds the command as Ctrl-C does, in a subprocess: the signal would end pytest"
+    code = ("import signal, sys, lesiongen.cli as c\n"
+            "c._cmd_phantom = lambda a: signal.raise_signal(signal.SIGTERM)\n"
+            f"sys.exit(c.main(['phantom', '--n', '8', '--out', {str(tmp_path / 'ph')!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 143, (p.returncode, p.stderr)
+    assert _error_line(p) == "lesiongen phantom: stopped by SIGTERM; re-run the same command to write the dataset again"
+
+
+def test_internal_error_says_where_to_report(tmp_path, monkeypatch, capsys):
+    def bug(a): return {}["no such key"]
+    status, err = _main(monkeypatch, capsys, ["phantom", "--n", 8, "--out", tmp_path / "ph"], _cmd_phantom=bug)
+    assert status == 1 and "Traceback" in err and "KeyError: 'no such key'" in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lesiongen phantom: internal error in lesiongen ") and \
+        last.endswith("at https://github.com/lesiongen/lesiongen/issues"), last
+
+
+def test_damaged_stage_marker_named(tmp_path, monkeypatch, capsys):
+    "`lesiongen run` on a folder whose stage.json was damaged (e.g. by a full disk under an older version)"
+    (tmp_path / "run" / "phantom").mkdir(parents=True)
+    (tmp_path / "run" / "phantom" / "stage.json").write_text('{"stage": "pha')
+    status, err = _main(monkeypatch, capsys, ["run", "--n", 8, "--size", 32, "--quiet", "--out", tmp_path / "run"])
+    assert status == 2 and "stage.json is damaged" in err.strip().splitlines()[-1], err

@@ -1,6 +1,8 @@
 """The training loop end to end on tiny models: compact and SD-LoRA runs, bit-identical resume, bad inputs, `accelerate launch`."""
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,8 +91,12 @@ def _lines(path):
     ("bad resolution", "resolution=34"),
     ("missing base", "/no/such/sd-v1-4"),
     ("unknown split", "holdout"),
+    ("undecodable image", "cannot be decoded, first"),
+    ("damaged curation report", "curation_report.json"),
+    ("out through a file", "runs through the file"),
+    ("out not writable", "is not writable"),
 ])
-def test_bad_inputs_are_named(inputs, tmp_path, case, match):
+def test_bad_inputs_are_named(inputs, tmp_path, case, match, monkeypatch):
     kw = dict(**inputs, out=str(tmp_path / "out"))
     cap = tmp_path / "captions.jsonl"
     if case == "empty captions": cap.write_text(""); kw["captions"] = str(cap)
@@ -102,11 +108,33 @@ def test_bad_inputs_are_named(inputs, tmp_path, case, match):
         rec = read_records(mine["records"])
         (tmp_path / "mine" / "raw" / rec["file_name"][0]).unlink()
         kw.update(mine)
+    elif case in ("undecodable image", "damaged curation report"):
+        mine = make_inputs(tmp_path / "mine")
+        if case == "undecodable image":
+            rec = read_records(mine["records"])
+            (tmp_path / "mine" / "raw" / rec["file_name"][3]).write_bytes(b"\xff\xd8 not a JPEG")
+            match = f"cannot be decoded, first {tmp_path / 'mine' / 'raw' / rec['file_name'][3]}"
+        else: (tmp_path / "mine" / "cur" / "curation_report.json").write_text('{"params": {"root": ')
+        kw.update(mine)
+    elif case == "out through a file":
+        (tmp_path / "a_file").write_text("x"); kw["out"] = str(tmp_path / "a_file" / "run")
+    elif case == "out not writable":  # as root a chmod does not stop writes, so the permission check is faked
+        import lesiongen.train as T
+        monkeypatch.setattr(T.os, "access", lambda path, mode: False)
     elif case == "bad resolution": kw.update(resolution=34, model_config={})  # 3 levels: multiples of 4
     elif case == "unknown split": kw["splits"] = ("holdout",)
     if case == "missing base": cfg = TrainConfig(**kw, base="/no/such/sd-v1-4")
     else: cfg = TrainConfig.tiny(**kw)
     with pytest.raises(LesionGenError, match=match): check_inputs(cfg)
+
+
+def test_data_root_of_damaged_report(inputs, tmp_path):
+    from lesiongen.train import data_root_of
+    rec = tmp_path / "records.csv"
+    rec.write_text(Path(inputs["records"]).read_text())
+    (tmp_path / "curation_report.json").write_text('{"params": {"root": "/da')  # cut short by a full disk
+    with pytest.raises(LesionGenError, match=f"curation report {re.escape(str(tmp_path))}/curation_report.json is damaged"):
+        data_root_of(rec)
 
 
 def test_bad_config_values():
@@ -181,3 +209,139 @@ def test_torchrun_two_cpu_processes_split_the_data(inputs, tmp_path):
     assert (run / "checkpoint-2" / "rng-0.safetensors").is_file() and (run / "checkpoint-2" / "rng-1.safetensors").is_file()
     assert [r["step"] for r in read_loss(run)] == [1, 2]  # one loss row per step, written by the main process only
     assert (run / "model_index.json").is_file()
+
+
+# --- crash safety: what a kill or bad luck leaves behind, and what the next run makes of it -----------------------
+
+def _tiny(inputs, out, **kw):
+    return TrainConfig.tiny(**{**dict(inputs, out=str(out), max_train_steps=4, checkpointing_steps=1,
+                                      validation_prompts=()), **kw})
+
+
+def test_torn_loss_tail_is_cut_on_resume(inputs, tmp_path):
+    "A kill in the middle of an append leaves a last line without newline; the resumed run cuts it and goes on"
+    out = tmp_path / "run"
+    train(_tiny(inputs, out), stop_at_step=2)
+    with open(out / "loss.csv", "a") as f: f.write("3,0.1")
+    assert [r["step"] for r in read_loss(out)] == [1, 2]  # readers skip the torn line
+    train(_tiny(inputs, out, resume_from_checkpoint="latest"))
+    text = (out / "loss.csv").read_text()
+    assert text.endswith("\n") and text.count("\n") == 5 and "3,0.1\n" not in text
+    assert [r["step"] for r in read_loss(out)] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(inputs, tmp_path_factory):
+    "A run of 2 steps stopped after step 1, as a kill after the first checkpoint leaves it"
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(_tiny(inputs, out, max_train_steps=2), stop_at_step=1)
+    return out
+
+
+def _damage(ck: Path, case: str) -> str:
+    "Damage the checkpoint `ck` as `case` says; return the file the error must name"
+    if case == "state.json cut short": (ck / "state.json").write_text((ck / "state.json").read_text()[:50]); return "state.json"
+    if case == "foreign state.json": (ck / "state.json").write_text('{"global_step": 1}'); return "state.json"
+    if case == "state.json of another format":
+        st = json.loads((ck / "state.json").read_text()); st["format"] = 7
+        (ck / "state.json").write_text(json.dumps(st)); return "state.json"
+    if case == "damaged weights": (ck / "model.safetensors").write_bytes(b"\x00" * 64); return "model.safetensors"
+    if case == "missing optimizer": (ck / "optimizer.safetensors").unlink(); return "optimizer.safetensors"
+    if case == "damaged ema":
+        data = (ck / "ema.safetensors").read_bytes(); (ck / "ema.safetensors").write_bytes(data[: len(data) // 2]); return "ema.safetensors"
+    if case == "damaged rng": (ck / "rng-0.json").write_text("[1, 2"); return "rng-0.json"
+    if case == "another tool's checkpoint": (ck / "state.json").unlink(); return "checkpoint-1"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["state.json cut short", "foreign state.json", "state.json of another format",
+                                  "damaged weights", "missing optimizer", "damaged ema", "damaged rng",
+                                  "another tool's checkpoint"])
+def test_damaged_checkpoint_is_named(inputs, stopped_run, tmp_path, case):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    name = _damage(out / "checkpoint-1", case)
+    with pytest.raises(LesionGenError, match=re.escape(name)) as e:
+        train(_tiny(inputs, out, max_train_steps=2, resume_from_checkpoint="latest"))
+    assert "\n" not in str(e.value)
+
+
+def test_nan_loss_names_the_step(inputs, tmp_path, monkeypatch):
+    import lesiongen.train as T
+    real = T.compute_loss
+    monkeypatch.setattr(T, "compute_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(LesionGenError, match=r"loss is nan at step 1: .*lower learning_rate \(now 0.001\)"):
+        train(_tiny(inputs, tmp_path / "run"))
+    assert not list_checkpoints(tmp_path / "run")  # no checkpoint of the diverged weights
+
+
+def test_resume_refuses_other_training_data(inputs, tmp_path):
+    "Same settings and paths, but the captions file was rewritten since the checkpoint: the data hash differs"
+    caps = tmp_path / "captions.jsonl"
+    shutil.copy(inputs["captions"], caps)
+    mine, out = dict(inputs, captions=str(caps)), tmp_path / "run"
+    train(_tiny(mine, out, max_train_steps=2), stop_at_step=1)
+    lines = [json.loads(l) for l in caps.read_text().splitlines()]
+    caps.write_text("".join(json.dumps({**l, "text": l["text"] + ", seen again"}) + "\n" for l in lines))
+    with pytest.raises(LesionGenError, match="training data changed"):
+        train(_tiny(mine, out, max_train_steps=2, resume_from_checkpoint="latest"))
+
+
+def test_final_weights_marked_only_when_complete(inputs, tmp_path, monkeypatch):
+    "model_index.json, written last, means the folder holds the final weights of its config.json; never before"
+    from diffusers import ModelMixin
+    from lesiongen.generate import model_kind
+    out = tmp_path / "run"
+    train(_tiny(inputs, out, max_train_steps=2))
+    assert model_kind(out) == "compact"
+    train(_tiny(inputs, out, resume_from_checkpoint="latest"), stop_at_step=3)  # continued to 4 steps, interrupted
+    assert not (out / "model_index.json").exists()  # the step-2 weights are not this run's final weights
+    with pytest.raises(LesionGenError, match="has training finished"): model_kind(out)
+    real = ModelMixin.save_pretrained
+
+    def killed(self, path, *a, **k):  # the UNet's weights are half written when the run dies
+        real(self, path, *a, **k)
+        next(Path(path).glob("*.safetensors")).write_bytes(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ModelMixin, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt): train(_tiny(inputs, out, resume_from_checkpoint="latest"))
+    assert not (out / "model_index.json").exists()
+    monkeypatch.setattr(ModelMixin, "save_pretrained", real)
+    train(_tiny(inputs, out, resume_from_checkpoint="latest"))
+    assert model_kind(out) == "compact" and not [p for p in out.rglob("*") if ".tmp" in p.name]
+    from lesiongen.model import LesionGenPipeline
+    LesionGenPipeline.from_pretrained(out)
+
+
+def test_pruned_checkpoint_never_half_deleted(inputs, tmp_path, monkeypatch):
+    "A kill while an old checkpoint is deleted must not leave a folder that looks like a checkpoint but lacks files"
+    import lesiongen.train as T
+    real = shutil.rmtree
+
+    def killed(path, *a, **k):  # the kill comes after the first file is gone
+        path = Path(path)
+        if path.is_dir() and (path / "model.safetensors").is_file() and "checkpoint-1" in path.name:
+            (path / "model.safetensors").unlink(); raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(T.shutil, "rmtree", killed)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt): train(_tiny(inputs, out, checkpoints_total_limit=1))
+    assert all((p / "model.safetensors").is_file() for p in list_checkpoints(out)), list_checkpoints(out)
+    monkeypatch.setattr(T.shutil, "rmtree", real)
+    train(_tiny(inputs, out, checkpoints_total_limit=1, resume_from_checkpoint="latest"))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_images_decoded_before_the_models_load(inputs, tmp_path, monkeypatch):
+    "An image that passes the quick check but does not decode is named before any model is built"
+    import lesiongen.train as T
+    mine = make_inputs(tmp_path / "mine")
+    bad = tmp_path / "mine" / "raw" / read_records(mine["records"])["file_name"][0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    monkeypatch.setattr(T, "undecodable_images", lambda paths: [], raising=False)
+
+    def no_models(*a, **k): raise AssertionError("the models were loaded before the images were decoded")
+    monkeypatch.setattr(T, "load_components", no_models)
+    with pytest.raises(LesionGenError, match=f"cannot decode image {re.escape(str(bad))}"):
+        train(_tiny(mine, tmp_path / "run"))
