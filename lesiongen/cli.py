@@ -9,12 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .core import RESEARCH_ONLY, LesionGenError, atomic_write_json, publish_dir, remove_temps
+from .core import RESEARCH_ONLY, LesionGenError, atomic_write_json, publish_dir, remove_temps, unwritable_reason
 
 # %% auto #0
 __all__ = ['logger', 'RESUME_HINTS', 'USER_ERRNOS', 'PipelineConfig', 'run_stage', 'format_summary', 'run_pipeline',
            'read_model_config', 'train_config_from_args', 'generate_config_from_args', 'build_parser', 'resume_hint',
-           'out_problem', 'user_os_error', 'issue_tracker', 'Terminated', 'main']
+           'user_os_error', 'issue_tracker', 'Terminated', 'main']
 
 # %% ../nbs/11_cli.ipynb #2342e607
 logger = logging.getLogger(__name__)
@@ -411,17 +411,6 @@ def resume_hint(args: argparse.Namespace,  # the parsed command line
         return "re-run the same command with --resume latest to continue from the last checkpoint"
     return RESUME_HINTS.get(args.command, "re-run the same command")
 
-def out_problem(out: str|Path,  # the `--out` of a command: a folder, or a file (`caption`)
-               ) -> str|None:  # why it cannot be written, or None
-    "Say why `out` cannot be created or written: its path runs through a file, or the folder it goes in is not writable"
-    p = Path(out).absolute()
-    for q in (p, *p.parents):
-        if not q.exists(): continue
-        if not q.is_dir(): return None if q == p else f"its path runs through the file {q}"
-        if not os.access(q, os.W_OK | os.X_OK): return f"{q} is not writable"
-        return None
-    return None
-
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                          errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})  # system errors a user causes and can fix
 
@@ -472,7 +461,7 @@ def main(argv: list[str]|None = None,  # arguments, default `sys.argv[1:]`
     def say(msg: str) -> None: print(f"{name}: {msg}", file=sys.stderr)
     with _sigterm_raises():
         try:
-            if (out := getattr(args, "out", None)) and (why := out_problem(out)):
+            if (out := getattr(args, "out", None)) and (why := unwritable_reason(out, file_ok=True)):
                 raise LesionGenError(f"cannot write --out {out}: {why}")
             return args.fn(args)
         except LesionGenError as e:

@@ -14,7 +14,7 @@ __all__ = ['DX_NAMES', 'DERM7PT_DIAGNOSIS_MAP', 'DERM7PT_GROUPS', 'DERM7PT_CONCE
            'MISSING_TOKENS', 'TEMP_MARK', 'RESEARCH_ONLY', 'LesionGenError', 'canonical_dx', 'seven_point_score',
            'ita_from_lab', 'fitzpatrick_from_ita', 'lab_for_fitzpatrick', 'atomic_write_bytes', 'atomic_write_text',
            'atomic_write_json', 'atomic_write_csv', 'append_line', 'repair_torn_tail', 'publish_dir', 'remove_temps',
-           'check_guidance_interval']
+           'unwritable_reason', 'check_guidance_interval']
 
 # %% ../nbs/00_core.ipynb #9a794f09
 class LesionGenError(ValueError):
@@ -212,6 +212,19 @@ def remove_temps(folder: str|Path) -> list[str]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             gone.append(p.name)
     return sorted(gone)
+
+def unwritable_reason(out: str|Path,        # a folder (or file) to create or write into
+                      file_ok: bool = False,  # True: `out` itself may be an existing file (e.g. a `.jsonl` output)
+                     ) -> str|None:           # why it cannot be written, or None
+    "Say why `out` cannot be created or written: it is a file, its path runs through a file, or no permission"
+    p = Path(out).absolute()
+    for q in (p, *p.parents):
+        if not q.exists(): continue
+        if not q.is_dir():
+            if q == p: return None if file_ok else f"{q} is a file, not a folder"
+            return f"its path runs through the file {q}"
+        return f"{q} is not writable" if not os.access(q, os.W_OK | os.X_OK) else None
+    return None
 
 # %% ../nbs/00_core.ipynb #617e8da9
 def check_guidance_interval(interval,  # (lo, hi): shares of the training noise schedule, 0 <= lo < hi <= 1

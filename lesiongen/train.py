@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration, set_seed, broadcast_object_li
 from safetensors.torch import load_file, save_file, save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from .core import (LesionGenError, RESEARCH_ONLY, TEMP_MARK, atomic_write_json, atomic_write_text,
+from .core import (LesionGenError, RESEARCH_ONLY, TEMP_MARK, atomic_write_json, atomic_write_text, unwritable_reason,
                             atomic_write_bytes, append_line, repair_torn_tail, publish_dir, remove_temps)
 from .data import read_records, unsafe_path_reason, is_missing
 from . import captions as _captions
@@ -28,14 +28,13 @@ from . import model as _model
 # %% auto #0
 __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'DEFAULT_VALIDATION_PROMPTS', 'RESUMABLE_CHANGES',
            'CHECKPOINT_RE', 'CHECKPOINT_FORMAT', 'STATE_KEYS', 'LOSS_FIELDS', 'TrainConfig', 'read_json',
-           'data_root_of', 'check_base', 'undecodable_images', 'unwritable_reason', 'training_data_hash',
-           'check_inputs', 'list_checkpoints', 'read_state', 'check_resumable', 'rng_state', 'set_rng_state',
-           'optimizer_state', 'optimizer_state_dict', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
-           'resolve_mixed_precision', 'compact_config', 'trainable_names', 'downsampling_factor', 'load_components',
-           'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range', 'encode_latents', 'encode_prompts',
-           'epoch_permutation', 'batch_indices', 'make_batch', 'compute_loss', 'training_step', 'image_grid',
-           'validation_pipeline', 'log_validation', 'read_loss', 'append_loss', 'plot_loss', 'final_marker',
-           'save_outputs', 'train']
+           'data_root_of', 'check_base', 'undecodable_images', 'training_data_hash', 'check_inputs', 'list_checkpoints',
+           'read_state', 'check_resumable', 'rng_state', 'set_rng_state', 'optimizer_state', 'optimizer_state_dict',
+           'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'resolve_mixed_precision', 'compact_config',
+           'trainable_names', 'downsampling_factor', 'load_components', 'resize_crop', 'load_image', 'prepare_dataset',
+           'to_unit_range', 'encode_latents', 'encode_prompts', 'epoch_permutation', 'batch_indices', 'make_batch',
+           'compute_loss', 'training_step', 'image_grid', 'validation_pipeline', 'log_validation', 'read_loss',
+           'append_loss', 'plot_loss', 'final_marker', 'save_outputs', 'train']
 
 # %% ../nbs/05_train.ipynb #7e27598f
 logger = get_logger(__name__, log_level="INFO")
@@ -217,17 +216,6 @@ def undecodable_images(paths: Sequence[str|Path],  # image files
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad bytes
             bad.append((Path(p), f"{type(e).__name__}: {e}"))
     return bad
-
-def unwritable_reason(out: str|Path,  # a folder to create or write into
-                     ) -> str|None:  # why it cannot be, or None
-    "Say why the folder `out` cannot be created or written: it is a file, its path runs through a file, or no permission"
-    p = Path(out).absolute()
-    for q in (p, *p.parents):
-        if not q.exists(): continue
-        if not q.is_dir(): return f"{q} is a file, not a folder" if q == p else f"its path runs through the file {q}"
-        if not os.access(q, os.W_OK | os.X_OK): return f"{q} is not writable"
-        return None
-    return None
 
 def training_data_hash(records,             # the training records (`check_inputs`)
                        texts: Sequence[str],  # their captions, same order
