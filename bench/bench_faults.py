@@ -94,7 +94,11 @@ def soak(cmd: list[str], cwd: Path, kills: int, seed: int, startup: float, work:
             wait(lambda: progress() >= target)
             at = time.monotonic() + rng.uniform(0, unit)
             wait(lambda: time.monotonic() >= at)
-        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL); p.wait(); rep.kills += 1
+        if p.poll() is None:
+            try: os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError: pass  # it exited between the poll and the kill
+        p.wait()
+        if p.returncode == -signal.SIGKILL: rep.kills += 1
         else: rep.early_exits += 1
         err = p.stderr.read().decode(errors="replace"); p.stderr.close()
         rep.returncodes.append(p.returncode)
