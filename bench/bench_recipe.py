@@ -35,7 +35,7 @@ HERE = Path(__file__).parent
 PRESETS = {
     "32": dict(resolution=32, model_config=None, train_args=[], judge_resolution=32, train_minutes=15, img_s=20,
                sampler=("dpmpp_sde", 10, 4.0, (0.2, 0.8))),
-    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--max-steps", "2000"],
+    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--max-steps", "1800", "--checkpointing-steps", "600"],
                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 10, 4.0, (0.2, 0.8))),
 }
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")

@@ -81,6 +81,8 @@ class TrainConfig:
     mixed_precision: str = "auto"    # `auto` (fp16 on CUDA, `no` on CPU), `no`, `fp16` or `bf16`
     gradient_checkpointing: bool = True  # recompute UNet activations in the backward pass (saves memory, costs time)
     caption_dropout: float = 0.1     # share of captions replaced by the empty prompt (for classifier-free guidance), [0, 1)
+    noise_offset: float = 0.0        # std of a per-image, per-channel constant added to the training noise (offset noise,
+                                     # diffusers' `--noise_offset`), [0, 1): lets a pixel model learn the image mean (skin tone) from the caption
     snr_gamma: float|None = None     # Min-SNR-γ loss weighting (e.g. 5.0); None: plain MSE
     prediction_type: str|None = None  # `epsilon` or `v_prediction`; None: the base scheduler's (compact: the model config's)
     use_ema: bool = False            # keep an exponential moving average of the trained weights (full and compact)
@@ -119,6 +121,8 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1: bad(name, "in [0, 1)")
         if not 0 <= self.caption_dropout < 1: bad("caption_dropout", "in [0, 1)")
+        if isinstance(self.noise_offset, bool) or not isinstance(self.noise_offset, (int, float)) or not 0 <= self.noise_offset < 1:
+            bad("noise_offset", "a number in [0, 1)")
         if self.snr_gamma is not None and not self.snr_gamma > 0: bad("snr_gamma", "> 0 or None")
         if not 0 < self.ema_decay < 1: bad("ema_decay", "in (0, 1)")
         if self.validation_guidance_scale < 1: bad("validation_guidance_scale", ">= 1")
@@ -702,6 +706,8 @@ def compute_loss(unet, batch: dict, noise_scheduler, cfg: TrainConfig,
     from diffusers.training_utils import compute_snr
     x0 = batch["x0"]
     noise = torch.randn_like(x0)
+    if cfg.noise_offset:  # a constant per image and channel: the image mean is then hidden at high noise, as the rest is
+        noise = noise + cfg.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device).long()
     noisy = noise_scheduler.add_noise(x0, noise, t)
     kind = noise_scheduler.config.prediction_type

@@ -345,3 +345,12 @@ def test_images_decoded_before_the_models_load(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_components", no_models)
     with pytest.raises(LesionGenError, match=f"cannot decode image {re.escape(str(bad))}"):
         train(_tiny(mine, tmp_path / "run"))
+
+
+def test_noise_offset_from_the_cli():
+    from lesiongen.cli import build_parser, train_config_from_args
+    base = ["train", "--records", "r.csv", "--captions", "c.jsonl", "--base", "compact", "--out", "o"]
+    assert train_config_from_args(build_parser().parse_args(base + ["--noise-offset", "0.1"])).noise_offset == 0.1
+    assert train_config_from_args(build_parser().parse_args(base)).noise_offset == 0.0
+    with pytest.raises(LesionGenError, match=r"noise_offset must be a number in \[0, 1\)"):
+        train_config_from_args(build_parser().parse_args(base + ["--noise-offset", "1.5"]))
