@@ -16,9 +16,10 @@ Variants (32 px, batch 32, the `TrainConfig.compact()` recipe otherwise):
   text      compact + the attention-pooled caption embedding added to the time embedding (`addition_embed_type="text"`)
   nodrop    compact without caption dropout (the unconditional branch of guidance is then never trained)
   offset    compact with offset noise 0.1 (`TrainConfig.noise_offset`; same step cost as compact, so it gets its steps)
+  text_offset  text with offset noise 0.1 (the step cost of text)
 
 Usage: python bench/bench_frontier.py --records R --captions C --judges J --work DIR [--minutes 10] [--parallel 2]
-         [--variants naive compact text nodrop offset] [--n 210] [--cf 20]
+         [--variants naive compact text nodrop offset text_offset] [--n 210] [--cf 20]
 """
 import argparse, json, logging, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ VARIANTS = {  # name: (model config overrides, caption dropout, text encoder on 
     "text": (dict(addition_embed_type="text"), 0.1, False, 0.0),
     "nodrop": ({}, 0.0, False, 0.0),
     "offset": ({}, 0.1, False, 0.1),
+    "text_offset": (dict(addition_embed_type="text"), 0.1, False, 0.1),
 }
 
 

@@ -8,8 +8,10 @@ change should give from its FLOP count alone (FLOPs measured with torch.utils.fl
 measured speed-up falls short of the prediction points at overhead rather than arithmetic.
 
 With --quality-seconds > 0 the baseline and the chosen architecture are then trained for the same wall-clock
-time and scored by a held-out denoising loss (fixed images, noise and timesteps): the speed-up must not cost
-quality.
+time and scored by a held-out denoising loss (fixed images, noise and timesteps). That loss is blind to the prompt
+(a model that ignores its captions reaches nearly the same value), so it only shows that the speed-up does not break
+denoising; whether the faster recipe follows its prompts is measured by `bench_frontier.py` (prompt adherence at equal
+wall-clock).
 
 Usage: python bench/bench_train.py [--sizes 32 64] [--batch 32] [--steps 4] [--quality-seconds 60] [--compile]
 """
