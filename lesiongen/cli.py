@@ -165,6 +165,7 @@ def _cmd_caption(a) -> int:
     from lesiongen.llm import LLMConfig, caption_records, format_caption_summary
     llm = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "max_attempts", "max_retries", "timeout")
            if getattr(a, k) is not None}
+    llm.update(mode=a.llm_mode, constrained=a.constrained)
     summary = caption_records(a.records, a.out, style=a.style, backend=a.backend, model=a.model, base_url=a.base_url,
                               max_tokens=a.max_tokens, tokenizer=a.tokenizer, workers=a.workers, seed=a.seed,
                               config=LLMConfig(**llm), force=a.force, retry_fallbacks=a.retry_fallbacks,
@@ -178,7 +179,7 @@ _TRAIN_ARGS = {  # CLI option -> `TrainConfig` field, for options given on the c
     "splits": "splits", "lora_rank": "rank", "lora_alpha": "lora_alpha", "full": "full", "resolution": "resolution",
     "max_steps": "max_train_steps", "batch_size": "train_batch_size", "grad_accum": "gradient_accumulation_steps",
     "lr": "learning_rate", "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps",
-    "mixed_precision": "mixed_precision", "caption_dropout": "caption_dropout", "snr_gamma": "snr_gamma",
+    "mixed_precision": "mixed_precision", "caption_dropout": "caption_dropout", "noise_offset": "noise_offset", "snr_gamma": "snr_gamma",
     "prediction_type": "prediction_type", "ema": "use_ema", "checkpointing_steps": "checkpointing_steps",
     "checkpoints_total_limit": "checkpoints_total_limit", "resume": "resume_from_checkpoint",
     "validation_prompt": "validation_prompts", "num_validation_images": "num_validation_images",
@@ -315,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-attempts", type=int, help="LLM reports sampled per record before the template fallback")
     k.add_argument("--max-retries", type=int, help="transport retries per LLM request")
     k.add_argument("--timeout", type=float, help="seconds per HTTP request")
+    k.add_argument("--llm-mode", choices=("whole", "per-entry"), default="whole",
+                   help="ask for the whole 12-entry report at once, or one entry per call from its facts only "
+                        "(small local models) (default: %(default)s)")
+    k.add_argument("--constrained", action="store_true",
+                   help="constrain LLM replies to the report's JSON schema (response_format / a logits grammar)")
     k.add_argument("--force", action="store_true", help="discard lines written with other settings")
     k.add_argument("--retry-fallbacks", action="store_true", help="try rows that fell back earlier again")
     k.add_argument("--quiet", action="store_true")
@@ -343,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"))
     t.add_argument("--no-gradient-checkpointing", action="store_true")
     t.add_argument("--caption-dropout", type=float, help="share of empty captions, for classifier-free guidance")
+    t.add_argument("--noise-offset", type=float, help="offset noise: std of a per-image, per-channel constant added to the training noise (e.g. 0.1)")
     t.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5.0)")
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     t.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights")

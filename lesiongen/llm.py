@@ -19,10 +19,13 @@ from .core import (DERM7PT_CONCEPTS, RECORD_COLUMNS, RESEARCH_ONLY, LesionGenErr
 
 # %% auto #0
 __all__ = ['logger', 'PROMPT_VERSION', 'NOT_ASSESSED', 'SYSTEM_PROMPT', 'ENTRY_FACTS', 'FACT_LABELS', 'SMOLLM2_GGUF', 'STYLES',
-           'BACKENDS', 'SOURCES', 'DEFAULT_MODELS', 'CAPTION_FIELDS', 'KEY_FIELDS', 'CLIP_MAX_TOKENS', 'build_messages',
-           'ReportBackend', 'BackendError', 'OpenAIBackend', 'smollm2_path', 'TransformersBackend', 'LLMConfig',
-           'ReportOutcome', 'backoff_delay', 'write_report', 'JsonlAppender', 'repair_jsonl', 'read_captions',
-           'caption_records', 'format_caption_summary', 'chat_completion', 'LocalChatServer']
+           'BACKENDS', 'SOURCES', 'DEFAULT_MODELS', 'MODES', 'ENTRY_PROMPT_VERSION', 'DIAGNOSIS_KEY', 'SENTENCE_END',
+           'CAPTION_FIELDS', 'KEY_FIELDS', 'CLIP_MAX_TOKENS', 'build_messages', 'ReportBackend', 'BackendError',
+           'OpenAIBackend', 'smollm2_path', 'TransformersBackend', 'LLMConfig', 'report_schema', 'ReplyFormatError',
+           'parse_json_reply', 'assemble_report', 'entry_facts', 'entry_lead', 'build_entry_messages',
+           'JsonObjectLogits', 'token_texts', 'ReportOutcome', 'backoff_delay', 'write_report', 'write_entries',
+           'report_bodies', 'model_words', 'caption_diversity', 'summarize_outcomes', 'JsonlAppender', 'repair_jsonl',
+           'read_captions', 'caption_records', 'format_caption_summary', 'chat_completion', 'LocalChatServer']
 
 # %% ../nbs/03a_llm.ipynb #18668766
 logger = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ def _image_part(image) -> dict:
 def build_messages(facts: dict,                       # known facts from `captions.record_facts` (unknown ones absent)
                    image=None,                        # optional image (path, bytes or PIL) for vision-language models
                    prompt_version: str = PROMPT_VERSION,  # which prompt to build; only `PROMPT_VERSION` exists
+                   as_json: bool = False,             # ask for one JSON object of `report_schema()` (constrained decoding)
                   ) -> list[dict]:  # chat messages: one system and one user message
     "Build the chat messages asking for a 12-entry report of `facts`"
     if prompt_version != PROMPT_VERSION:
@@ -100,6 +104,9 @@ def build_messages(facts: dict,                       # known facts from `captio
             f"brackets, in words; write \"{NOT_ASSESSED}\" for an entry when none of its facts is listed above.\n"
             f"{entries}\n\n"
             "Rules: use only the facts above; never add a finding, a diagnosis or advice; write nothing else.")
+    if as_json:
+        user += ("\n\nAnswer with one JSON object whose keys are \"diagnosis\" and the entry names above in lower case, "
+                 "in this order, each with a string value.")
     content = user if image is None else [{"type": "text", "text": user}, _image_part(image)]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
@@ -184,6 +191,11 @@ def _redact_http_logs() -> None:
 
 logger.addFilter(_LOG_FILTER)
 
+def _count(stats: dict, n_tokens: int|None, text: str, secs: float) -> None:
+    "Add one completion to a backend's `stats` (tokens estimated at 4 characters each when the server reports none)"
+    stats["calls"] += 1; stats["seconds"] += secs
+    stats["completion_tokens"] += n_tokens if n_tokens is not None else max(1, len(text) // 4)
+
 def _has_image(messages: list[dict]) -> bool:
     return any(isinstance(m.get("content"), list) and any(part.get("type") != "text" for part in m["content"])
                for m in messages)
@@ -204,6 +216,7 @@ class OpenAIBackend:
         if not model: raise LesionGenError("model must be a non-empty model name")
         if timeout <= 0: raise LesionGenError(f"timeout must be positive, got {timeout}")
         self.name, self.max_new_tokens, self.temperature, self.timeout = model, max_new_tokens, temperature, timeout
+        self.stats = {"calls": 0, "completion_tokens": 0, "seconds": 0.0}  # completions served, their tokens and wall time
         url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self.base_url, query, headers = _split_credentials(url)  # the URL without user info or query string
         self._shown_url = _safe_url(url)
@@ -226,14 +239,18 @@ class OpenAIBackend:
                  *, seed: int = 0,                     # sampling seed sent to the server (honoured by most)
                  temperature: float|None = None,       # None: the backend's default
                  max_new_tokens: int|None = None,      # None: the backend's default
+                 json_schema: dict|None = None,        # constrain the reply to this JSON schema (`response_format`)
                 ) -> str:  # the completion text, stripped
         "Ask the server for one completion of `messages`"
         oa = self._openai
+        extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "lesion_report", "strict": True,
+                                                                            "schema": json_schema}}} if json_schema else {}
+        t0 = time.perf_counter()
         try:
             resp = self._client.chat.completions.create(
                 model=self.name, messages=messages, seed=seed,
                 temperature=self.temperature if temperature is None else temperature,
-                max_tokens=max_new_tokens or self.max_new_tokens)
+                max_tokens=max_new_tokens or self.max_new_tokens, **extra)
         except oa.APITimeoutError: raise BackendError("timeout", f"no answer within {self.timeout} s") from None
         except oa.APIConnectionError as e: raise BackendError("connection", type(e).__name__) from None
         except oa.APIStatusError as e:
@@ -248,6 +265,8 @@ class OpenAIBackend:
         msg = getattr(choices[0], "message", None)
         content = getattr(msg, "content", None)
         if not isinstance(content, str) or not content.strip(): raise BackendError("empty", "completion has no text")
+        n = getattr(getattr(resp, "usage", None), "completion_tokens", None)
+        _count(self.stats, n if isinstance(n, int) and n > 0 else None, content, time.perf_counter() - t0)
         return content.strip()
 
 def _split_credentials(url: str|None) -> tuple[str|None, dict, dict]:
@@ -305,7 +324,10 @@ class TransformersBackend:
                  temperature: float = 0.7,         # default sampling temperature; 0 = greedy
                  top_p: float = 0.95,              # nucleus sampling mass, (0, 1]
                  repetition_penalty: float = 1.0,  # >1 discourages the loops small models fall into; 1 = off
+                 grammar: str = "auto",            # constrained decoding: `xgrammar`, `builtin` (`JsonObjectLogits`) or `auto`
                 ):
+        if grammar not in ("auto", "xgrammar", "builtin"): raise LesionGenError(f"grammar must be auto, xgrammar or builtin, got {grammar!r}")
+        self.grammar, self.stats, self._vocab, self._xgr = grammar, {"calls": 0, "completion_tokens": 0, "seconds": 0.0}, None, None
         self.device, self.max_new_tokens, self.temperature, self.top_p = device or "cpu", max_new_tokens, temperature, top_p
         self.repetition_penalty = repetition_penalty
         if model == "smollm2":
@@ -349,6 +371,7 @@ class TransformersBackend:
                  *, seed: int = 0,                     # torch seed for sampling
                  temperature: float|None = None,       # None: the backend's default; 0 = greedy
                  max_new_tokens: int|None = None,      # None: the backend's default
+                 json_schema: dict|None = None,        # constrain the reply to this flat JSON object of strings
                 ) -> str:  # the completion text, stripped
         "Sample one completion of `messages` with the chat template"
         if _has_image(messages): raise LesionGenError(f"{self.name} is a text-only model: messages with images need a vision-language backend")
@@ -360,18 +383,58 @@ class TransformersBackend:
         torch.manual_seed(seed)
         sample = {"do_sample": True, "temperature": t, "top_p": self.top_p} if t > 0 else {"do_sample": False}
         if self.repetition_penalty != 1.0: sample["repetition_penalty"] = self.repetition_penalty
+        n_prompt = n_in = enc["input_ids"].shape[1]
+        if json_schema is not None:
+            proc = self._constraint(json_schema, n_prompt)
+            sample["logits_processor"] = [proc]
+            if isinstance(proc, JsonObjectLogits) and (start := self._prefill(proc.lits[0])) is not None:
+                enc = {"input_ids": torch.cat([enc["input_ids"], start[None]], 1),  # the forced opening (key and
+                       "attention_mask": torch.cat([enc["attention_mask"], torch.ones_like(start)[None]], 1)}  # prefix) in one pass
+                n_in += len(start)
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = self._model.generate(**enc, max_new_tokens=max_new_tokens or self.max_new_tokens,
                                        pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id, **sample)
-        text = self._tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        text = self._tok.decode(out[0, n_prompt:], skip_special_tokens=True).strip()
+        _count(self.stats, int(out.shape[1] - n_in), text, time.perf_counter() - t0)  # sampled tokens only
         if not text: raise BackendError("empty", "the model produced no text")
         return text
+
+    def _prefill(self, text: str):
+        "The token ids of `text` when they decode back to it exactly (then the grammar can start after them), else None"
+        import torch
+        ids = self._tok(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, device=self.device) if "".join(self._vocab[i] for i in ids) == text else None
+
+    def _constraint(self, schema: dict, prompt_len: int):
+        "A logits processor for `schema`: xgrammar's when it is installed (or asked for), else `JsonObjectLogits`"
+        if self.grammar != "builtin":
+            try:
+                import xgrammar as xgr
+                if self._xgr is None:
+                    info = xgr.TokenizerInfo.from_huggingface(self._tok, vocab_size=self._model.config.vocab_size)
+                    self._xgr = xgr.GrammarCompiler(info)
+                return xgr.contrib.hf.LogitsProcessor(self._xgr.compile_json_schema(json.dumps(schema)))
+            except ImportError:
+                if self.grammar == "xgrammar": raise LesionGenError("grammar='xgrammar' needs the PyPI package xgrammar") from None
+        keys = tuple(schema.get("properties", {}))
+        if schema.get("type") != "object" or not keys or any(v.get("type") != "string" for v in schema["properties"].values()):
+            raise LesionGenError("the builtin grammar handles flat JSON objects of strings only; install xgrammar for others")
+        if self._vocab is None: self._vocab = token_texts(self._tok)
+        props = schema["properties"].values()
+        pats = [_pattern_prefix(v["pattern"]) if "pattern" in v else ("", False) for v in props]
+        if None in pats: raise LesionGenError("the builtin grammar handles `pattern`s of report_schema's prefixes only; install xgrammar for others")
+        caps = tuple((v.get("maxLength") or 10_000) - len(p) for v, (p, _) in zip(props, pats))
+        mins = tuple((v.get("minLength") or 1) - len(p) for v, (p, _) in zip(props, pats))
+        return JsonObjectLogits(self._tok, keys, prompt_len, caps, self._vocab, prefixes=tuple(p for p, _ in pats),
+                                stop=SENTENCE_END if any(one for _, one in pats) else "", min_chars=mins)
 
 # %% ../nbs/03a_llm.ipynb #891ac453
 STYLES = ("short", "report", "llm")
 BACKENDS = ("transformers", "openai")
 SOURCES = ("template", "llm", "fallback")
 DEFAULT_MODELS = {"transformers": "smollm2", "openai": "gpt-4o"}  # GPT-4o is the paper's report writer
+MODES = ("whole", "per-entry")
 
 @dataclass
 class LLMConfig:
@@ -384,6 +447,15 @@ class LLMConfig:
     backoff: float = 1.0           # first retry delay, s; doubles per retry, with ±50 % jitter
     max_backoff: float = 30.0      # cap on one retry delay, s
     timeout: float = 120.0         # seconds per HTTP request
+    mode: str = "whole"            # `whole`: one 12-entry report per call (strong models); `per-entry`: one entry per call
+    constrained: bool = False      # ask for JSON of `report_schema` (OpenAI `response_format`, a grammar for transformers)
+    entry_max_new_tokens: int = 64  # completion length of one entry (per-entry mode), tokens
+    entry_max_chars: int = 120     # longest entry value in constrained mode, characters (a longer one is cut at its last clause)
+    pattern_group: int = 1         # dermoscopic findings asked for per call (per-entry mode), >= 1
+    gate: bool = True              # per-entry mode: also reject entries that leave their facts unsaid or go off-topic
+    force_facts: bool = False      # constrained only: the grammar writes each value's fact words first, the model only continues
+    continue_chars: int = 60       # with `force_facts`: longest free continuation after the fact words, characters (>= 1)
+    continue_min_chars: int = 12   # with `force_facts`: shortest continuation, characters (the model must add words), <= continue_chars
 
     def __post_init__(self):
         if self.max_new_tokens < 1: raise LesionGenError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -394,11 +466,300 @@ class LLMConfig:
         if self.backoff < 0 or self.max_backoff < self.backoff:
             raise LesionGenError(f"need 0 <= backoff <= max_backoff, got {self.backoff} and {self.max_backoff}")
         if self.timeout <= 0: raise LesionGenError(f"timeout must be positive, got {self.timeout}")
+        if self.mode not in MODES: raise LesionGenError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.entry_max_new_tokens < 1 or self.entry_max_chars < 1 or self.pattern_group < 1:
+            raise LesionGenError("entry_max_new_tokens, entry_max_chars and pattern_group must be >= 1")
+        if self.force_facts and not self.constrained: raise LesionGenError("force_facts needs constrained=True (a grammar writes the fact words)")
+        if self.continue_chars < 1: raise LesionGenError(f"continue_chars must be >= 1, got {self.continue_chars}")
+        if not 0 <= self.continue_min_chars <= self.continue_chars:
+            raise LesionGenError(f"continue_min_chars must be in [0, continue_chars], got {self.continue_min_chars}")
 
     @classmethod
     def tiny(cls) -> LLMConfig:
         "Settings for tests: short completions, two attempts, millisecond backoff, 1 s timeout"
         return cls(max_new_tokens=64, max_attempts=2, max_retries=2, backoff=0.01, max_backoff=0.05, timeout=1.0)
+
+# %% ../nbs/03a_llm.ipynb #9d249cf5
+ENTRY_PROMPT_VERSION = "entry-v1"  # bump whenever `build_entry_messages` changes what the model is asked
+DIAGNOSIS_KEY = "diagnosis"        # the extra first key of a whole report asked for as JSON
+
+_REGEX_SPECIAL = re.compile(r"([.^$|?*+()\[\]{}\\/])")
+
+SENTENCE_END = ".!?"  # a one-sentence value stops at the first of these
+_ONE_SENTENCE = f"[^{SENTENCE_END}]*[{SENTENCE_END}]?$"  # the pattern's tail after the prefix: at most one sentence end, last
+
+def _literal_pattern(prefix: str, one_sentence: bool = False) -> str:
+    return "^" + _REGEX_SPECIAL.sub(r"\\\1", prefix) + (_ONE_SENTENCE if one_sentence else "")
+
+def _pattern_prefix(pattern: str) -> tuple[str, bool]|None:
+    "The literal a `_literal_pattern` pattern forces and whether it asks for one sentence, or None for any other pattern"
+    one = pattern.endswith(_ONE_SENTENCE)
+    body = pattern[1:len(pattern) - len(_ONE_SENTENCE) * one]
+    if not pattern.startswith("^") or re.search(r"(?<!\\)[.^$|?*+()\[\]{}]", body): return None
+    return re.sub(r"\\(.)", r"\1", body), one
+
+def report_schema(entries: tuple[str, ...] = (DIAGNOSIS_KEY, *captions.SCHEMA),  # the object's keys, in order
+                  max_chars: int = 200,  # longest value, characters (with `prefixes`: longest text after the prefix)
+                  prefixes: dict[str, str]|None = None,  # entry -> the text its value must start with (`pattern` `^...`)
+                  closed: tuple[str, ...] = (),  # entries whose value is exactly their prefix (e.g. `not assessed`)
+                  one_sentence: bool = False,    # a prefixed value continues to the end of one sentence at most
+                  min_chars: int = 0,            # shortest text after a prefix (not in `closed`), characters: the model must add words
+                 ) -> dict:  # a JSON schema: one required, non-empty string per entry, nothing else
+    "Build the JSON schema of a report (or one entry) with the `entries` as string properties, in order"
+    prefixes = prefixes or {}
+    if bad := [k for k, v in prefixes.items() if k not in entries or not v or any(c in v for c in '"\\\n')]:
+        raise LesionGenError(f"prefixes must be non-empty, quote-free texts of the entries, got {bad[0]!r}")
+    props = {}
+    for k in entries:
+        pre = prefixes.get(k, "")
+        extra = (0, 0) if k in closed else (min(min_chars, max_chars) if pre else 0, max_chars)
+        props[k] = {"type": "string", "minLength": max(1, len(pre) + extra[0]), "maxLength": len(pre) + extra[1]}
+        if pre: props[k]["pattern"] = _literal_pattern(pre, one_sentence and k not in closed)
+    return {"type": "object", "properties": props, "required": list(entries), "additionalProperties": False}
+
+class ReplyFormatError(ValueError):
+    "A reply that is not the JSON object asked for: `reason` is `truncated`, `invalid_json` or `schema`"
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail[:160]
+        super().__init__(f"{reason}: {self.detail}" if detail else reason)
+
+def parse_json_reply(text: str,                 # the model's reply
+                     entries: tuple[str, ...],  # the keys the schema requires
+                    ) -> dict[str, str]:  # entry -> its text, in `entries` order
+    "Parse a constrained reply into its entries, raising `ReplyFormatError` (truncated, invalid_json, schema)"
+    s = text.strip()
+    if s.startswith("```"): s = re.sub(r"^```(?:json)?\s*|\s*```$", "", s)
+    try: obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        cut = s.startswith("{") and (e.msg.startswith("Unterminated string") or e.pos >= len(s) - 1)  # ended inside the object
+        raise ReplyFormatError("truncated" if cut else "invalid_json", f"{e.msg} at character {e.pos}") from None
+    if not isinstance(obj, dict): raise ReplyFormatError("schema", f"expected a JSON object, got {type(obj).__name__}")
+    if missing := [k for k in entries if k not in obj]: raise ReplyFormatError("schema", f"missing key(s) {missing}")
+    if bad := [k for k in entries if not isinstance(obj[k], str) or not obj[k].strip()]:
+        raise ReplyFormatError("schema", f"empty or non-string value(s) for {bad}")
+    return {k: " ".join(obj[k].split()) for k in entries}
+
+def assemble_report(facts: dict,               # the record's facts, for the diagnosis line
+                    entries: dict[str, str],   # schema entry -> its text; entries not given say `not assessed`
+                    diagnosis: str|None = None,  # the diagnosis line's text; None: the record's diagnosis name
+                   ) -> str:  # a report: a `Diagnosis:` line, then the schema's 12 entries in order
+    "Assemble a report from per-entry texts, in the schema's order"
+    lines = [f"Diagnosis: {diagnosis or captions.dx_name(facts)}"]
+    lines += [f"{k[:1].upper() + k[1:]}: {entries.get(k) or NOT_ASSESSED}" for k in captions.SCHEMA]
+    return "\n".join(lines)
+
+def entry_facts(facts: dict,  # the record's facts from `captions.record_facts`
+               ) -> dict[str, str]:  # schema entry -> its facts in plain words, or `not assessed`
+    "State the facts each schema entry may use, in plain words (the template's wording)"
+    return {k: t for k, (t, _) in captions._report_entries(facts, random.Random(0)).items()}
+
+def _entry_text(text: str, entry: str, as_json: bool) -> str:
+    "The entry's text in a reply: the JSON value, or the first line without an echoed label"
+    if as_json: return parse_json_reply(text, (entry,))[entry]
+    line = next((l for l in text.strip().splitlines() if l.strip()), "")
+    line = re.sub(rf"^\W*(?:{re.escape(entry)}|entry)\s*[:：-]\s*", "", line.strip(), flags=re.I).strip().strip('"')
+    if not line: raise ReplyFormatError("schema", "the reply has no text")
+    return line
+
+def _drop_cut_clause(text: str, keep_one: bool = True) -> str:
+    "Drop the last clause of a value the grammar closed at its length limit (it is cut mid-word), if another clause is left (or `keep_one=False`)"
+    parts = re.split(r"(?<=[.;,])\s", text)
+    return " ".join(parts[:-1]).rstrip(",;") if len(parts) > 1 or not keep_one else text
+
+def _entry_problems(facts: dict, base: dict[str, str], entry: str, text: str) -> list[str]:
+    "Problems `check_report` finds when `text` replaces the template's `entry` (the other entries are facts-true templates)"
+    return captions.check_report(assemble_report(facts, {**base, entry: text}), facts).problems
+
+
+# %% ../nbs/03a_llm.ipynb #7983e6a7
+_EXAMPLES = (("hair", ("terminal hairs absent",), "No terminal hairs are seen."),  # rewrites shown before the entry, of
+             ("illumination", ("even lighting",), "The lighting is even across the image."))  # entries outside the schema
+_LEAD_EXAMPLES = (("hair", ("no terminal hairs",), "No terminal hairs", " are visible on dermoscopy."),  # with `lead`: the forced
+                  ("scale", ("fine surface scale",), "Fine surface scale", " can be made out in this image."),  # start, then a
+                  ("vessels", ("dotted vessels",), "Dotted vessels", ", which are noted on close inspection."))  # continuation that adds no finding
+
+
+def _findings(facts: dict, entry: str) -> list[str]:
+    said = entry_facts(facts)[entry]
+    if said == NOT_ASSESSED: raise LesionGenError(f"the record has no fact for entry {entry!r}; it is {NOT_ASSESSED!r}")
+    return [p.strip() for p in said.split(";") if p.strip()]
+
+def entry_lead(findings: list[str],  # an entry's findings in the template's words (from `entry_facts`)
+              ) -> str:  # the findings as the start of a sentence, e.g. `No streaks` or `Light brown and dark brown`
+    "Join `findings` into the words a value must start with when the grammar forces the facts (`force_facts`)"
+    s = ", ".join(f.strip().rstrip(".") for f in findings)
+    return s[:1].upper() + s[1:]
+
+def _entry_user(entry: str, findings, as_json: bool, lead: str|None = None) -> str:
+    bullets = "\n".join(f"- {p}" for p in findings)
+    if lead:
+        return (f'Entry "{entry}" of a dermoscopy report. Findings:\n{bullets}\n'
+                f'The sentence starts with "{lead}"; continue it with a short clause in your own words '
+                f'that adds no other finding. Answer as JSON with the key "{entry}".')
+    fmt = f'Answer as JSON: {{"{entry}": "<sentence>"}}' if as_json else "Answer with the sentence only."
+    return (f'Entry "{entry}" of a dermoscopy report. Findings:\n{bullets}\n'
+            f"Rewrite the findings as one fluent sentence in your own words. Keep every finding; add nothing. {fmt}")
+
+def build_entry_messages(facts: dict,            # the record's facts from `captions.record_facts`
+                         entry: str,             # one of `captions.SCHEMA`
+                         as_json: bool = False,  # ask for `{"<entry>": "<text>"}` (constrained decoding)
+                         findings: list[str]|None = None,  # the findings to state; None: all of the entry's
+                         lead: bool = False,     # the answer starts with the findings (`entry_lead`), forced by a grammar; needs `as_json`
+                        ) -> list[dict]:  # chat messages: system, two examples (three with `lead`), then the entry's findings
+    "Build the chat messages asking for one report `entry` from that entry's facts only (after two one-shot examples)"
+    if entry not in captions.SCHEMA: raise LesionGenError(f"entry must be one of {captions.SCHEMA}, got {entry!r}")
+    if lead and not as_json: raise LesionGenError("lead=True needs as_json=True: the grammar forces the lead inside the JSON value")
+    findings = findings or _findings(facts, entry)
+    if lead:  # continuations that add no finding; SmolLM2 copies them at times, which the diversity measures show
+        shots = [m for e, f, l, c in _LEAD_EXAMPLES for m in ({"role": "user", "content": _entry_user(e, f, True, l)},
+                                                             {"role": "assistant", "content": json.dumps({e: l + c})})]
+        user = _entry_user(entry, findings, True, entry_lead(findings))
+    else:
+        shots = [m for e, f, a in _EXAMPLES for m in ({"role": "user", "content": _entry_user(e, f, as_json)},
+                                                     {"role": "assistant", "content": json.dumps({e: a}) if as_json else a})]
+        user = _entry_user(entry, findings, as_json)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *shots, {"role": "user", "content": user}]
+
+_OFF_TOPIC = re.compile(r"\b(?:diagnos\w*|disease\w*|conditions?|cancer\w*|malignan\w*|benign|tumou?rs?|syndromes?|rare|treat\w*|"
+                        r"advi[cs]e\w*|recommend\w*|biops\w*|reports?|mentioned|findings?|entry|unknown|unclear|glare|lighting|illumination|hairs?|"
+                        r"symptoms?|symptomatic|pain\w*|itch\w*|bleed\w*|history|famil\w*|grow\w*|growth|chang\w*|shadows?)\b", re.I)
+_COUNT_WORDS = {1: "one|single|1|uniform|monochrom", 2: "two|2|both|bicolou?r", 3: "three|3", 4: "four|4", 5: "five|5",
+                6: "six|6", 7: "seven|7"}
+
+_FACT_WORDS = re.compile(  # words that state or qualify a finding: a continuation after forced facts must use none of them
+    r"\b(?:no|not|none|neither|nor|without|absen\w*|lack\w*|only|single|all|every|any|both|several|many|few|some|multiple|more|"
+    r"less|most|other|another|also|however|but|although|though|except|yet|while|whereas|\d\w*|one|two|three|four|five|six|"
+    r"seven|eight|nine|ten|first|second|half|quarter|third|colou?r\w*|hues?|tones?|shades?|light\w*|dark\w*|pale|red\w*|pink\w*|"
+    r"white\w*|black\w*|blue\w*|gr[ae]y\w*|brown\w*|tan|yellow\w*|purple|orange|network\w*|streaks?|dots?|globules?|blotch\w*|"
+    r"pigment\w*|veil|regress\w*|vessels?|vascular|structures?|patterns?|cysts?|milia|comedo\w*|scales?|lacuna\w*|nests?|patch\w*|"
+    r"areas?|regions?|cent(?:re|er|ral)|edges?|borders?|margins?|periphery|rim|symmetr\w*|asymmetr\w*|regular\w*|irregular\w*|"
+    r"round\w*|ovals?|uneven\w*|even\w*|smooth\w*|sharp\w*|blur\w*|defined|homogen\w*|heterogen\w*|uniform\w*|flat\w*|raised|"
+    r"elevat\w*|nodul\w*|palpab\w*|macul\w*|papul\w*|large\w*|small\w*|size\w*|big\w*|tiny|medium|width|diameter|textures?|"
+    r"shapes?|outlines?|man|men|woman|women|male|female|he|she|his|her|him|patients?|age\w*|old\w*|young\w*|years?|child\w*|adult\w*|"
+    r"face|head|neck|trunk|back|chest|abdomen|arms?|legs?|foot|feet|hands?|ears?|scalp|limbs?|extremit\w*|genital\w*|acral|"
+    r"skin|type|fitzpatrick|fair|sun\w*|burn\w*|microscop\w*|stud\w*|references?|models?|lists?|data|files?|results?|"
+    r"investigat\w*|samples?|figures?|doctors?|clinic\w*|reported|previous\w*|typical|atypical|normal|abnormal|common\w*|"
+    r"features?|suggest\w*|indicat\w*|sign\w*|score\w*|checklist|melanoma\w*|nev\w*|mole\w*|web\w*|online|internet|pages?)\b", re.I)
+
+def _continuation_gate(entry: str, text: str) -> list[str]:
+    "Problems of the model's continuation after forced fact words: any word that states or qualifies a finding (`_FACT_WORDS`)"
+    low = " ".join(captions._normalise(text).lower().split())
+    return [f"continuation: {entry!r} adds {m.group()!r} after the forced facts"] if (m := _FACT_WORDS.search(low)) else []
+
+def _entry_gate(facts: dict, entry: str, text: str) -> list[str]:
+    """Problems of an entry text beyond `check_report`: an off-topic word (diagnosis, disease, advice, meta-talk), or a
+    fact of the entry left unsaid (check_report checks these entries for contradictions only)"""
+    low, probs = " ".join(captions._normalise(text).lower().split()), []
+    if m := _OFF_TOPIC.search(low): probs.append(f"gate: {entry!r} says {m.group()!r}, which no fact of the entry supports")
+    need: list[tuple[str, str]] = []  # (fact, regex that must match)
+    if entry == "patient info":
+        if "age" in facts:
+            a = facts["age"]; near = "|".join(str(x) for x in range(max(0, a - 5), a + 6))
+            need.append(("age", rf"\b(?:{near})\b|\b{a // 10}0s\b|\b{['', 'ten', 'twen', 'thir', 'for', 'fif', 'six', 'seven', 'eigh', 'nine'][a // 10 % 10] or 'x'}ties\b"))
+        if "sex" in facts: need.append(("sex", captions._FEMALE.pattern if facts["sex"] == "female" else captions._MALE.pattern))
+        if "site" in facts:
+            words = [w for w in re.split(r"[^a-z]+", facts["site"]) if len(w) > 2]
+            need.append(("site", r"\b(?:" + "|".join(words or ["x^"]) + r")"))
+    elif entry == "lesion colour":
+        for c in facts["colors"].split(";"):
+            need.append((c, {"blue-gray": r"blue|gr[ae]y", "light brown": r"light|tan|pale", "dark brown": r"dark|deep"}.get(c, c)))
+        if any("brown" in c for c in facts["colors"].split(";")): need.append(("brown", "brown"))
+    elif entry == "colour variability":
+        n = len(facts["colors"].split(";"))
+        need.append(("number of colours", rf"\b(?:{_COUNT_WORDS.get(n, str(n))})\b" + (r"|variegat|multi|several|various|varied" if n > 1 else "")))
+    elif entry in ("shape", "shape variability"):
+        b = captions._bin(facts, "asymmetry")
+        need.append(("asymmetry", (r"\bsymmetr|\bround|\boval|\bregular" if b == 0 else r"asymmetr|uneven|irregular|lopsided")
+                     if entry == "shape" or b != 1 else r"uneven|irregular|asymmetr|somewhat|slightly|mild"))
+    elif entry == "size relative to the image":
+        need.append(("diameter", r"\d+\s*%|percent|small|medium|large|tiny|big|half|quarter|third"))
+    elif entry == "border":
+        for k, lo, hi in (("border_irregularity", r"\bregular|smooth|even", r"irregular|jagged|uneven"),
+                          ("border_sharpness", r"ill-defined|blurr|indistinct|poorly|fad|soft|gradual", r"sharp|well[- ]defined|crisp|clear|distinct|demarcat")):
+            if k in facts:
+                b = captions._bin(facts, k); need.append((k, lo if b == 0 else hi if b == 2 else r"moderate|some|partly|fair|slight|mild|somewhat|\w+ly"))
+    elif entry == "texture":
+        b = captions._bin(facts, "heterogeneity")
+        need.append(("heterogeneity", r"(?<!non-)homogeneous|uniform|even" if b == 0 else r"heterogeneous|varied|uneven|mixed|patchy|mottled"))
+    elif entry == "other notable features":
+        if "seven_point_score" in facts: need.append(("seven_point_score", rf"\b{facts['seven_point_score']}\b|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten)\b"))
+        for k, ph in captions.EXTRA_FEATURES.items():
+            if facts.get(k): need.append((k, re.escape(ph.split()[-1].rstrip("s"))))
+    for fact, rx in need:
+        if not re.search(rx, low): probs.append(f"gate: {entry!r} does not state the record's {fact}")
+    return probs
+
+
+# %% ../nbs/03a_llm.ipynb #6eb4fdc1
+class JsonObjectLogits:
+    """A logits processor that lets a model write only `{"k1": "...", "k2": "..."}` with the given keys in order: the
+    punctuation and keys are forced, each value is free text without quotes, backslashes, brackets of any kind or control characters (after
+    its forced `prefixes`, if any), and the end of the object is followed by end-of-sequence"""
+    def __init__(self, tokenizer,                 # the model's tokenizer
+                 keys: tuple[str, ...],           # the object's keys, in order
+                 prompt_len: int,                 # prompt length in tokens: what follows is the reply
+                 max_chars: int|tuple[int, ...] = 200,  # longest value (after its prefix), characters, one for all or one per key; then it is closed
+                 vocab: list[str]|None = None,    # each token id's text (`token_texts(tokenizer)`); None: decode now
+                 prefixes: tuple[str, ...]|None = None,  # per key, text forced at the start of its value ("" for none)
+                 stop: str = "",                  # characters that close a value right after the model writes one (e.g. ".")
+                 min_chars: int|tuple[int, ...] = 0,  # shortest text after a value's prefix, characters, one for all or one per key
+                ):
+        import torch
+        self.vocab = vocab if vocab is not None else token_texts(tokenizer)
+        pre = tuple(prefixes or ("",) * len(keys))
+        if len(pre) != len(keys) or any('"' in p or "\\" in p for p in pre):
+            raise LesionGenError(f"prefixes must give one quote-free text per key ({len(keys)}), got {prefixes!r}")
+        self.caps = (max_chars,) * len(keys) if isinstance(max_chars, int) else tuple(max_chars)
+        if len(self.caps) != len(keys): raise LesionGenError(f"max_chars must be one number or one per key ({len(keys)}), got {max_chars!r}")
+        self.eos, self.prompt_len, self.stop = tokenizer.eos_token_id, prompt_len, stop
+        self.lits = ['{"' + keys[0] + '": "' + pre[0]] + [f'", "{k}": "{p}' for k, p in zip(keys[1:], pre[1:])] + ['"}']
+        mins = (min_chars,) * len(keys) if isinstance(min_chars, int) else tuple(min_chars)
+        if len(mins) != len(keys): raise LesionGenError(f"min_chars must be one number or one per key ({len(keys)}), got {min_chars!r}")
+        self.mins = tuple(max(m, 0 if p else 1) for m, p in zip(mins, pre))  # a value is never empty
+        self.ids = {}
+        for i, s in enumerate(self.vocab): self.ids.setdefault(s, i)
+        clean = [bool(s) and not any(c in s for c in '"\\{}[]<>\ufffd') and all(ord(c) >= 32 for c in s) for s in self.vocab]
+        self.clean = torch.tensor(clean)
+        self.closers = [torch.tensor([i for i, s in enumerate(self.vocab) if s.startswith('"') and lit.startswith(s)])
+                        for lit in self.lits]
+        self.text, self.seen = "", 0
+
+    def _state(self) -> tuple:
+        "Where the reply is: ('lit', i, rest of literal i) | ('slot', i, characters so far) | ('done',)"
+        t, p = self.text, 0
+        for i, lit in enumerate(self.lits):
+            rem = t[p:p + len(lit)]
+            if len(rem) < len(lit): return ("lit", i, lit[len(rem):])
+            p += len(lit)
+            if i == len(self.lits) - 1: return ("done",)
+            q = t.find('"', p)
+            if q < 0: return ("slot", i, len(t) - p)
+            p = q
+        return ("done",)
+
+    def _force(self, rest: str) -> int:
+        "The token that writes the longest prefix of `rest`"
+        return next(self.ids[rest[:n]] for n in range(len(rest), 0, -1) if rest[:n] in self.ids)
+
+    def __call__(self, input_ids, scores):
+        import torch
+        new = input_ids[0, self.prompt_len + self.seen:].tolist()
+        self.text += "".join(self.vocab[i] for i in new); self.seen += len(new)
+        st, V = self._state(), scores.shape[-1]
+        allowed = torch.zeros(V, dtype=torch.bool)
+        if st[0] == "done": allowed[self.eos] = True
+        elif st[0] == "lit": allowed[self._force(st[2])] = True
+        elif st[2] >= self.caps[st[1]] or (st[2] and self.stop and self.text[-1] in self.stop):
+            allowed[self._force(self.lits[st[1] + 1])] = True
+        else:
+            n = min(V, len(self.clean)); allowed[:n] = self.clean[:n]
+            if st[2] >= self.mins[st[1]]: allowed[self.closers[st[1] + 1][self.closers[st[1] + 1] < V]] = True
+        return scores.masked_fill(~allowed, float("-inf"))
+
+def token_texts(tokenizer) -> list[str]:
+    "The text of every token id of `tokenizer`, decoded alone"
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
 
 # %% ../nbs/03a_llm.ipynb #207e18e8
 @dataclass
@@ -408,9 +769,9 @@ class ReportOutcome:
     source: str                    # `llm` (a checked LLM report) or `fallback` (the template report)
     attempts: int                  # LLM samples drawn, 0–`max_attempts`
     retries: int = 0               # transport retries spent
-    reason: str|None = None        # why it fell back: `fact_check: ...`, `transport: ...` or `error: ...`; None if accepted
-    kind: str|None = None          # `fact_check`, `transport` or `error` for a fallback, else None
-    samples: list[dict] = field(default_factory=list)  # each sample: `text`, `ok`, `problems`
+    reason: str|None = None        # why it fell back: `fact_check: ...`, `format: ...`, `transport: ...` or `error: ...`; None if accepted
+    kind: str|None = None          # `fact_check`, `format` (invalid or truncated JSON), `transport` or `error` for a fallback, else None
+    samples: list[dict] = field(default_factory=list)  # each sample: `text`, `ok`, `problems` (per-entry mode: also `entry`, `group`)
 
 def backoff_delay(retry: int,           # 0 for the first retry
                   base: float,          # first delay, s
@@ -421,11 +782,13 @@ def backoff_delay(retry: int,           # 0 for the first retry
     r = (rng or random).random()
     return min(cap, base * 2 ** retry * (0.5 + r))
 
-def _generate_retrying(backend, messages, seed, temperature, cfg, sleep) -> tuple[str, int]:
-    "Call `backend.generate`, retrying retryable `BackendError`s; return (text, retries used)"
+def _generate_retrying(backend, messages, seed, temperature, cfg, sleep, schema=None, max_new_tokens=None) -> tuple[str, int]:
+    "Call `backend.generate` (with `json_schema` when `schema` is set), retrying retryable `BackendError`s; return (text, retries used)"
+    kw = {"json_schema": schema} if schema is not None else {}
     for i in range(cfg.max_retries + 1):
         try:
-            text = backend.generate(messages, seed=seed, temperature=temperature, max_new_tokens=cfg.max_new_tokens)
+            text = backend.generate(messages, seed=seed, temperature=temperature,
+                                    max_new_tokens=max_new_tokens or cfg.max_new_tokens, **kw)
             if not isinstance(text, str) or not text.strip(): raise BackendError("empty", "completion has no text")
             return text, i
         except BackendError as e:
@@ -444,11 +807,20 @@ def write_report(facts: dict,                  # entry -> value from `captions.r
                 ) -> ReportOutcome:
     "Get a fact-checked LLM report of `facts` from `backend`, or the template report if none passes"
     cfg = config or LLMConfig()
-    messages = build_messages(facts, image=image)
+    if cfg.mode == "per-entry":
+        if image is not None: raise LesionGenError("images are sent in mode 'whole' only")
+        return write_entries(facts, backend, seed=seed, config=cfg, sleep=sleep)
+    messages = build_messages(facts, image=image, as_json=cfg.constrained)
+    keys = (DIAGNOSIS_KEY, *captions.SCHEMA)
+    schema = report_schema(keys, cfg.entry_max_chars) if cfg.constrained else None
+    if cfg.force_facts:  # each value starts with its facts in the template's words; `not assessed` values are only that
+        leads = {DIAGNOSIS_KEY: captions.dx_name(facts), **entry_facts(facts)}
+        schema = report_schema(keys, cfg.continue_chars, leads, closed=tuple(k for k, v in leads.items() if v == NOT_ASSESSED),
+                               one_sentence=True, min_chars=cfg.continue_min_chars)
     samples, retries = [], 0
     for k in range(cfg.max_attempts):
         t = min(2.0, cfg.temperature + k * cfg.temperature_step)
-        try: text, r = _generate_retrying(backend, messages, seed + k, t, cfg, sleep)
+        try: text, r = _generate_retrying(backend, messages, seed + k, t, cfg, sleep, schema)
         except BackendError as e:
             retries += getattr(e, "retries", 0)
             return ReportOutcome(captions.report_caption(facts, seed=seed), "fallback", k + 1, retries,
@@ -458,12 +830,157 @@ def write_report(facts: dict,                  # entry -> value from `captions.r
             return ReportOutcome(captions.report_caption(facts, seed=seed), "fallback", k + 1, retries,
                                  f"error: {type(e).__name__}: {_redact(e)[:200]}", "error", samples)
         retries += r
-        check = captions.check_report(text, facts)
-        samples.append({"text": text, "ok": bool(check.ok), "problems": list(check.problems)})
-        if check.ok: return ReportOutcome(text, "llm", k + 1, retries, None, None, samples)
+        if cfg.constrained:
+            try: obj = parse_json_reply(text, keys)
+            except ReplyFormatError as e:
+                samples.append({"text": text, "ok": False, "problems": [f"{e.reason}: {e.detail}"], "format": True}); continue
+            text = assemble_report(facts, {k2: obj[k2] for k2 in captions.SCHEMA}, diagnosis=obj[DIAGNOSIS_KEY])
+        probs = list(captions.check_report(text, facts).problems)
+        if cfg.force_facts and cfg.gate:  # what follows each forced lead must add no finding, as in per-entry mode
+            probs += [p for k2, v in obj.items() if v.startswith(leads[k2]) for p in _continuation_gate(k2, v[len(leads[k2]):])]
+        samples.append({"text": text, "ok": not probs, "problems": probs, **({"leads": leads} if cfg.force_facts else {})})
+        if not probs: return ReportOutcome(text, "llm", k + 1, retries, None, None, samples)
     first = "; ".join(samples[-1]["problems"][:3])
+    kind = "format" if samples[-1].get("format") else "fact_check"
     return ReportOutcome(captions.report_caption(facts, seed=seed), "fallback", cfg.max_attempts, retries,
-                         f"fact_check: {first}", "fact_check", samples)
+                         f"{kind}: {first}", kind, samples)
+
+# %% ../nbs/03a_llm.ipynb #050fa6b1
+def _prompt_version(cfg: LLMConfig) -> str:
+    "The prompt identity of `cfg`'s mode, part of the cache key"
+    return ((PROMPT_VERSION if cfg.mode == "whole" else ENTRY_PROMPT_VERSION) + ("+json" if cfg.constrained else "")
+            + (f"+facts{cfg.continue_chars}" if cfg.force_facts else ""))
+
+def _entry_groups(facts: dict, entry: str, size: int) -> list[list[str]]:
+    "Split an entry's findings into the groups asked for in one call each (only `dermoscopic patterns` has many)"
+    f = _findings(facts, entry)
+    return [f[i:i + size] for i in range(0, len(f), size)] if entry == "dermoscopic patterns" else [f]
+
+def write_entries(facts: dict,                  # the record's facts from `captions.record_facts`
+                  backend: ReportBackend,       # who writes the entries
+                  seed: int = 0,                # seed of the first sample and of the fallback template
+                  config: LLMConfig|None = None,  # sampling, retry and grouping settings; None: `LLMConfig(mode="per-entry")`
+                  sleep: Callable[[float], None] = time.sleep,  # how to wait between retries
+                 ) -> ReportOutcome:
+    """Ask `backend` for each report entry from that entry's facts only, re-sample an entry until it passes, and keep the
+    assembled report if `captions.check_report` passes it, else the template report"""
+    cfg = config or LLMConfig(mode="per-entry")
+    base = entry_facts(facts)
+    got = {k: NOT_ASSESSED for k, v in base.items() if v == NOT_ASSESSED}  # no fact: nothing to ask
+    samples, retries, worst = [], 0, 1
+    def fallback(reason, kind, attempts):
+        return ReportOutcome(captions.report_caption(facts, seed=seed), "fallback", attempts, retries, reason, kind, samples)
+    for entry in captions.SCHEMA:
+        if entry in got: continue
+        parts = []
+        groups = _entry_groups(facts, entry, cfg.pattern_group)
+        for g, findings in enumerate(groups):
+            rest = [p for grp in groups[g + 1:] for p in grp]  # later groups' findings, in the template's words for now
+            lead = entry_lead(findings) if cfg.force_facts else None
+            msgs = build_entry_messages(facts, entry, as_json=cfg.constrained, findings=findings, lead=bool(lead))
+            schema = (report_schema((entry,), cfg.continue_chars, {entry: lead}, one_sentence=True,
+                                            min_chars=cfg.continue_min_chars) if lead else
+                      report_schema((entry,), cfg.entry_max_chars) if cfg.constrained else None)
+            for k in range(cfg.max_attempts):
+                t = min(2.0, cfg.temperature + k * cfg.temperature_step)
+                try: text, r = _generate_retrying(backend, msgs, seed + 7919 * g + k, t, cfg, sleep, schema, cfg.entry_max_new_tokens)
+                except BackendError as e:
+                    retries += getattr(e, "retries", 0)
+                    return fallback(f"transport: {e}", "transport", k + 1)
+                except LesionGenError: raise
+                except Exception as e: return fallback(f"error: {type(e).__name__}: {_redact(e)[:200]}", "error", k + 1)
+                retries += r
+                try:
+                    body = _entry_text(text, entry, cfg.constrained)
+                    if lead and body.startswith(lead) and len(body) - len(lead) >= cfg.continue_chars - 2:
+                        body = lead + _drop_cut_clause(body[len(lead):], keep_one=False)  # cut at the cap: drop the cut clause
+                    elif cfg.constrained and len(body) >= cfg.entry_max_chars - 2: body = _drop_cut_clause(body)
+                    probs = _entry_gate(facts, entry, body) if cfg.gate else []
+                    if lead and cfg.gate and body.startswith(lead): probs += _continuation_gate(entry, body[len(lead):])
+                    probs += _entry_problems(facts, base, entry, "; ".join(parts + [body] + rest))
+                except ReplyFormatError as e: body, probs = None, [f"{e.reason}: {e.detail}"]
+                samples.append({"entry": entry, "group": g, "text": text, "ok": not probs, "problems": probs, "body": body,
+                                "lead": lead})
+                if not probs: parts.append(body); worst = max(worst, k + 1); break
+            else:
+                kind = "format" if samples[-1]["problems"][0].split(":")[0] in ("truncated", "invalid_json", "schema") else "fact_check"
+                return fallback(f"{kind}: {entry}: {'; '.join(samples[-1]['problems'][:2])}", kind, cfg.max_attempts)
+        got[entry] = "; ".join(p.rstrip(" .") for p in parts) + "."
+    text = assemble_report(facts, got)
+    logger.debug("per-entry report assembled after %d sample(s)", len(samples))
+    check = captions.check_report(text, facts)  # the same check as a whole report, on what is kept
+    if not check.ok: return fallback(f"fact_check: assembled: {'; '.join(check.problems[:3])}", "fact_check", worst)
+    return ReportOutcome(text, "llm", worst, retries, None, None, samples)
+
+
+# %% ../nbs/03a_llm.ipynb #774865fc
+_TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|%")
+
+def report_bodies(text: str,  # a 12-entry report (LLM or template)
+                 ) -> str:    # the assessed entries' texts, labels and `not assessed` left out
+    "Keep the words a report chose: its entries' texts without the labels (the same in every report) or `not assessed`"
+    parsed = captions.parse_report(text)
+    return " ".join(v for k, v in parsed.items() if k != "diagnosis" and v.strip(" .").lower() != NOT_ASSESSED) or text
+
+def model_words(outcome: ReportOutcome,  # a `write_report` result
+               ) -> str:  # the text the model chose, without forced fact words; "" for a fallback
+    "Keep what the model itself wrote in a kept report: with `force_facts`, each value's continuation after its forced lead"
+    if outcome.source != "llm": return ""
+    ok = [s for s in outcome.samples if s["ok"]]
+    if ok and "entry" in ok[0]:  # per entry: the kept sample of every entry (and finding group)
+        return " ".join(s["body"][len(s["lead"]):] if s.get("lead") and s["body"].startswith(s["lead"]) else s["body"] for s in ok).strip()
+    leads = ok[-1].get("leads") if ok else None
+    if not leads: return report_bodies(outcome.text)
+    parsed = captions.parse_report(outcome.text)
+    return " ".join(v[len(leads[k]):] if v.startswith(leads[k]) else v for k, v in parsed.items() if k in leads).strip()
+
+def _ngrams(toks: list[str], n: int) -> list[tuple]: return [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+
+def _bleu(hyp: list[str], refs: list[list[str]], n_max: int = 4) -> float:
+    "Sentence BLEU of `hyp` against `refs` (add-one smoothing of the n-gram precisions)"
+    from collections import Counter
+    if not hyp or not refs: return 0.0
+    logp = 0.0
+    for n in range(1, n_max + 1):
+        h = Counter(_ngrams(hyp, n)); best = Counter()
+        for r in refs:
+            for g, c in Counter(_ngrams(r, n)).items(): best[g] = max(best[g], c)
+        match = sum(min(c, best[g]) for g, c in h.items())
+        logp += math.log((match + 1) / (sum(h.values()) + 1)) / n_max
+    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / max(1, len(hyp)))
+    return bp * math.exp(logp)
+
+def caption_diversity(texts: list[str],  # a corpus of captions or report bodies
+                     ) -> dict:  # distinct_1, distinct_2 and ttr in [0, 1] (higher: more varied); self_bleu in [0, 1] (lower: more varied); n_tokens
+    "Measure the lexical diversity of a corpus: distinct-1/2 n-gram ratios, type-token ratio and self-BLEU-4"
+    toks = [_TOKEN_RE.findall(captions._normalise(t).lower()) for t in texts]
+    flat = [w for t in toks for w in t]
+    d = {}
+    for n in (1, 2):
+        grams = [g for t in toks for g in _ngrams(t, n)]
+        d[f"distinct_{n}"] = round(len(set(grams)) / len(grams), 4) if grams else 0.0
+    d["ttr"] = round(len(set(flat)) / len(flat), 4) if flat else 0.0
+    d["self_bleu"] = round(sum(_bleu(t, toks[:i] + toks[i + 1:]) for i, t in enumerate(toks)) / len(toks), 4) if len(toks) > 1 else 0.0
+    d["n_tokens"] = len(flat)
+    return d
+
+def summarize_outcomes(outcomes: list[ReportOutcome],  # `write_report` results of one run
+                      ) -> dict:  # counts of accepted / retried / fallback, their rates, and failure reasons by kind
+    "Count what a run kept and why samples failed: accepted (first try), retried (after a re-sample) and fallback"
+    from collections import Counter
+    n = len(outcomes)
+    c = {"accepted": sum(o.source == "llm" and o.attempts == 1 for o in outcomes),
+         "retried": sum(o.source == "llm" and o.attempts > 1 for o in outcomes),
+         "fallback": sum(o.source == "fallback" for o in outcomes)}
+    reasons = Counter()
+    for o in outcomes:
+        for s in o.samples:
+            for p in s["problems"]: reasons[re.split(r"[:(]", p, maxsplit=1)[0].strip()] += 1
+    return {"n": n, **c, **{f"{k}_rate": round(v / n, 3) if n else None for k, v in c.items()},
+            "fallback_kinds": dict(Counter(o.kind for o in outcomes if o.source == "fallback")),
+            "sample_problems": dict(reasons.most_common())}
+
 
 # %% ../nbs/03a_llm.ipynb #d8f1e8d5
 CAPTION_FIELDS = ("image_id", "text", "style", "source", "model", "facts_hash", "prompt_version", "max_tokens",
@@ -664,6 +1181,7 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
         if style != "short": raise LesionGenError(f"max_tokens applies to style 'short' only, got style {style!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1: raise LesionGenError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if image_root is not None and style != "llm": raise LesionGenError("image_root applies to style 'llm' only")
+    if image_root is not None and cfg.mode != "whole": raise LesionGenError("image_root needs mode 'whole': images are not sent per entry")
     if tokenizer is not None and style != "short": raise LesionGenError(f"tokenizer applies to style 'short' only, got style {style!r}")
     df = _load_records(records)
     out = Path(out)
@@ -685,7 +1203,7 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
     facts = [captions.record_facts(r) for r in rows]
     hashes = [captions.facts_hash(f) for f in facts]
     settings = {"style": style, "model": be.name if be else "template",
-                "prompt_version": (PROMPT_VERSION + ("+image" if images else "")) if be else None,
+                "prompt_version": (_prompt_version(cfg) + ("+image" if images else "")) if be else None,
                 "max_tokens": max_tokens}
     done = _read_done(out, dict(zip(df["image_id"], hashes)), settings, force, retry_fallbacks)
     todo = [i for i, iid in enumerate(df["image_id"]) if iid not in done]
@@ -738,8 +1256,10 @@ def caption_records(records,                        # DataFrame in the `RECORD_C
                "n_written": n_new, "by_source": counts, "seconds": round(secs, 2),
                "per_minute": round(60 * n_new / secs, 1) if secs > 0 else None, "failures": failures}
     if be is not None:
+        st = dict(getattr(be, "stats", None) or {})
         summary.update(llm=llm, acceptance_rate=round((llm["accepted"] + llm["retried"]) / n_new, 3) if n_new else None,
-                       backend=_describe(be), config=asdict(cfg), workers=workers)
+                       backend=_describe(be), config=asdict(cfg), workers=workers, mode=cfg.mode, constrained=cfg.constrained,
+                       tokens_per_second=round(st["completion_tokens"] / st["seconds"], 1) if st.get("seconds") else None)
     summary = _redact_obj(summary)
     atomic_write_json(summary_path, {**summary, "research_use": RESEARCH_ONLY})
     logger.info("%s", format_caption_summary(summary))

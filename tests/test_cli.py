@@ -155,6 +155,31 @@ def test_caption_llm_over_loopback_http(tmp_path, monkeypatch):
     assert sentinel not in p.stdout + p.stderr
 
 
+def test_caption_llm_per_entry_constrained(tmp_path):
+    "`--llm-mode per-entry --constrained`: one request per entry, each carrying the JSON schema; answers are checked"
+    import re
+    from lesiongen.llm import LocalChatServer
+    records = _curated(tmp_path, n=4)
+    bodies = []
+    def respond(body, headers):
+        bodies.append(body)
+        user = body["messages"][-1]["content"]
+        entry = re.search(r'Entry "([^"]+)"', user).group(1)
+        return json.dumps({entry: "; ".join(l[2:] for l in user.splitlines() if l.startswith("- "))})
+    with LocalChatServer(respond) as srv:
+        p = subprocess.run([LESIONGEN, "caption", "--records", str(records), "--style", "llm", "--backend", "openai",
+                            "--model", "local", "--base-url", srv.base_url, "--llm-mode", "per-entry", "--constrained",
+                            "--timeout", "5", "--out", str(tmp_path / "llm.jsonl"), "--quiet"],
+                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OPENAI_API_KEY": ""})
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(l) for l in (tmp_path / "llm.jsonl").read_text().splitlines()]
+    assert {l["source"] for l in lines} == {"llm"} and {l["prompt_version"] for l in lines} == {"entry-v1+json"}
+    assert bodies and all(b["response_format"]["type"] == "json_schema" for b in bodies)
+    p = subprocess.run([LESIONGEN, "caption", "--records", str(records), "--style", "llm", "--llm-mode", "poem",
+                        "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--llm-mode" in p.stderr
+
+
 def test_caption_bad_style_and_missing_records(tmp_path):
     p = run("caption", "--records", tmp_path / "nope.csv", "--out", tmp_path / "c.jsonl", check=False)
     assert p.returncode == 2 and "nope.csv" in p.stderr
