@@ -165,7 +165,7 @@ def _cmd_caption(a) -> int:
     from lesiongen.llm import LLMConfig, caption_records, format_caption_summary
     llm = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "max_attempts", "max_retries", "timeout")
            if getattr(a, k) is not None}
-    llm.update(mode=a.llm_mode, constrained=a.constrained)
+    llm.update(mode=a.llm_mode, constrained=a.constrained, force_facts=a.force_facts)
     summary = caption_records(a.records, a.out, style=a.style, backend=a.backend, model=a.model, base_url=a.base_url,
                               max_tokens=a.max_tokens, tokenizer=a.tokenizer, workers=a.workers, seed=a.seed,
                               config=LLMConfig(**llm), force=a.force, retry_fallbacks=a.retry_fallbacks,
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(small local models) (default: %(default)s)")
     k.add_argument("--constrained", action="store_true",
                    help="constrain LLM replies to the report's JSON schema (response_format / a logits grammar)")
+    k.add_argument("--force-facts", action="store_true",
+                   help="with --constrained: the grammar writes each entry's fact words and the model only continues the "
+                        "sentence (how SmolLM2 gets accepted reports)")
     k.add_argument("--force", action="store_true", help="discard lines written with other settings")
     k.add_argument("--retry-fallbacks", action="store_true", help="try rows that fell back earlier again")
     k.add_argument("--quiet", action="store_true")

@@ -414,3 +414,11 @@ def test_damaged_stage_marker_named(tmp_path, monkeypatch, capsys):
     (tmp_path / "run" / "phantom" / "stage.json").write_text('{"stage": "pha')
     status, err = _main(monkeypatch, capsys, ["run", "--n", 8, "--size", 32, "--quiet", "--out", tmp_path / "run"])
     assert status == 2 and "stage.json is damaged" in err.strip().splitlines()[-1], err
+
+
+def test_caption_force_facts_needs_constrained(tmp_path):
+    records = _curated(tmp_path, n=4)
+    p = subprocess.run([LESIONGEN, "caption", "--records", str(records), "--style", "llm", "--llm-mode", "per-entry",
+                        "--force-facts", "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "force_facts needs constrained=True" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.jsonl").exists()
