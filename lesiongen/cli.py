@@ -253,6 +253,20 @@ def _cmd_generate(a) -> int:
               f"process now, {res['seconds']} s): images/, metadata.csv, README.md\n{RESEARCH_ONLY}")
     return 0
 
+# %% ../nbs/11_cli.ipynb #488fced7
+def _cmd_pseudolabel(a) -> int:
+    from lesiongen.classify import pseudolabel
+    df = pseudolabel(a.records, a.judges, out=a.out, min_confidence=a.min_confidence, attributes=a.attributes,
+                     data_root=a.data_root, progress=not a.quiet)
+    info = df.attrs["pseudolabel"]
+    filled = ", ".join(f"{c} {k}" for c, k in info["filled"].items()) or "nothing to predict"
+    cal = (f"uncalibrated for {', '.join(info['uncalibrated'])}: the judges have no fitted temperature" if info["uncalibrated"]
+           else "calibrated")
+    print(f"{info['n_predicted']} of {len(df)} records had no concept annotation and were pseudo-labelled "
+          f"(confidence >= {info['min_confidence']:g}, {cal}); {info['n_annotated']} annotated records kept as they were.\n"
+          f"filled per concept: {filled}\nwrote {a.out}\n{RESEARCH_ONLY}")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #38e4cdbf
 def build_parser() -> argparse.ArgumentParser:
     "Build the `lesiongen` argument parser"
@@ -296,6 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lesion-col", help="folder datasets: lesion or patient column (optional)")
     c.add_argument("--fitzpatrick-col", help="folder datasets: Fitzpatrick column (optional)")
     c.set_defaults(fn=_cmd_curate)
+
+    pl = sub.add_parser("pseudolabel", help="fill missing Derm7pt concepts with the attribute judges' confident predictions",
+                        description="For records without concept annotations (e.g. HAM10000), predict each Derm7pt "
+                                    "concept with trained attribute judges; fill it where the calibrated confidence "
+                                    "reaches --min-confidence, leave it missing otherwise, and add <concept>_confidence "
+                                    "and concept_source columns. Annotated records are never changed. " + RESEARCH_ONLY)
+    pl.add_argument("--records", required=True, help="records.csv written by `lesiongen curate`")
+    pl.add_argument("--judges", required=True, metavar="DIR", help="a judges folder (classify.train_judges)")
+    pl.add_argument("--out", required=True, metavar="RECORDS.csv",
+                    help="records file to write; named records.csv, it gets a curation_report.json beside it")
+    pl.add_argument("--min-confidence", type=float, default=0.7,
+                    help="fill a concept when its calibrated probability is at least this, in (0, 1] (default: %(default)s)")
+    pl.add_argument("--attributes", nargs="+", metavar="CONCEPT", help="concepts to predict (default: all the judges cover)")
+    pl.add_argument("--data-root", help="dataset root of the records' file_name (default: from curation_report.json)")
+    pl.add_argument("--quiet", action="store_true", help="no progress bar")
+    pl.set_defaults(fn=_cmd_pseudolabel)
 
     k = sub.add_parser("caption", help="caption every record: templates, or LLM reports checked against the facts")
     k.add_argument("--records", required=True, help="records.csv written by `lesiongen curate`")

@@ -33,24 +33,8 @@ logger = logging.getLogger(__name__)
 def image_batch(images,                  # list of PIL images, uint8 array [N, H, W, 3] or uint8 tensor [N, 3, H, W]
                 what: str = "images",    # name of the set in error messages (`real images`, `synthetic images`)
                ) -> torch.Tensor:        # uint8 [N, 3, H, W]
-    "Bring `images` to one uint8 tensor, refusing an empty set and mixed sizes"
-    if isinstance(images, Image.Image): images = [images]
-    if isinstance(images, (list, tuple)):
-        if not images: raise LesionGenError(f"no {what}: the set is empty")
-        if not all(isinstance(im, Image.Image) for im in images): raise LesionGenError(f"{what} given as a list must all be PIL images")
-        if len(sizes := sorted({im.size for im in images})) > 1:
-            raise LesionGenError(f"{what} have different sizes ({sizes[0][0]}x{sizes[0][1]} and {sizes[-1][0]}x{sizes[-1][1]} px); resize them to one size first")
-        return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise LesionGenError(f"{what} as an array must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
-        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    elif isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise LesionGenError(f"{what} as a tensor must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
-    else: raise LesionGenError(f"{what} must be a list of PIL images, a uint8 array or a uint8 tensor, got {type(images).__name__}")
-    if not len(images): raise LesionGenError(f"no {what}: the set is empty")
-    return images.detach().cpu().contiguous()
+    "Bring `images` to one uint8 tensor at their own size, refusing an empty set and mixed sizes (`classify.as_image_batch`)"
+    return as_image_batch(images, None, what, allow_empty=False)
 
 def check_same_size(a: torch.Tensor, b: torch.Tensor,  # uint8 batches [N, 3, H, W]
                     what: tuple = ("real", "synthetic"),  # names of the two sets in the message

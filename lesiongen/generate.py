@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .core import (DERM7PT_CONCEPTS, DX_NAMES, ELEVATIONS, FITZPATRICK_ROMAN, RESEARCH_ONLY, SEXES,
                             LesionGenError, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text,
-                            canonical_dx, check_guidance_interval, seven_point_score)
+                            canonical_dx, check_guidance_interval, seven_point_score, DATA_SOURCES, card_licences,
+                            data_sources, hf_card, md_table, read_card, size_category)
 from . import captions as _captions
 from .data import is_missing, read_csv_checked, read_records
 # `lesiongen.model` (diffusers) is imported where a model is loaded: plans and input checks answer without it
@@ -30,7 +31,7 @@ __all__ = ['logger', 'PLANS', 'SCHEDULERS', 'FITZPATRICK_TYPES', 'TARGET_COLUMNS
            'parse_weights', 'targeted_plan', 'counterfactual_plan', 'csv_plan', 'make_plan', 'model_kind', 'lora_base',
            'weight_files', 'file_sha256', 'model_hash', 'load_pipeline', 'make_scheduler', 'sample_images',
            'check_inputs', 'check_out', 'prepare_out', 'png_bytes', 'chunk_rows', 'process_chunks', 'metadata',
-           'dataset_card', 'generate']
+           'evaluation_markdown', 'dataset_card', 'generate']
 
 # %% ../nbs/07_generate.ipynb #cc031894
 logger = logging.getLogger(__name__)
@@ -778,14 +779,34 @@ def metadata(plan: pd.DataFrame, cfg: GenConfig, checked: dict) -> pd.DataFrame:
         model=str(Path(cfg.model).resolve()), model_hash=checked["model_hash"], plan=_plan_label(cfg))
     return meta[[*META_COLUMNS, *[c for c in meta.columns if c not in META_COLUMNS]]]
 
-def _md_table(df: pd.DataFrame) -> str:
-    cols = [str(df.index.name or "")] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join([str(i)] + [str(v) for v in row]) + " |" for i, row in zip(df.index, df.to_numpy())]
-    return "\n".join(lines)
+def _model_sources(model: Path) -> tuple[list[dict], list]:
+    "The data sources and licences the model folder's card declares; unknown without a card"
+    card = read_card(model / "README.md")
+    if not card.get("license"):
+        return [{"id": None, "name": f"the model `{model.name}`", "licence": None,
+                 "terms": "it has no model card, so the licences of its weights and training data are not recorded"}], [None]
+    ids = card.get("datasets") or []
+    return [{"id": i, **DATA_SOURCES[i]} for i in ids if i in DATA_SOURCES], card_licences(model / "README.md")
+
+def evaluation_markdown(out: str|Path,  # a generated set
+                       ) -> str|None:   # Markdown of its evaluation; None: nothing evaluated
+    "Summarise the prompt adherence saved in the set's folder (`adherence.AdherenceReport.save(out)`), per prompted value"
+    out = Path(out)
+    if not (out / "adherence.json").is_file(): return None
+    try: summary = json.loads((out / "adherence.json").read_text(encoding="utf-8")).get("summary", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError): summary = {}
+    parts = ["Prompt adherence of these images, judged by lesiongen's attribute classifiers (`adherence.json` and the "
+             "CSV files beside it):", ""]
+    parts += [f"- `{k}`: {json.dumps(v)}" for k, v in summary.items()] or ["- `adherence.json` holds no summary"]
+    for name, what in (("adherence_by_value.csv", "Agreement of judged and prompted value, per prompted value (subgroup)"),
+                       ("adherence_skin.csv", "Skin tone (ITA) measured on the images, per prompted Fitzpatrick type")):
+        if (out / name).is_file():
+            t = pd.read_csv(out / name).round(3)
+            parts += ["", f"{what}:", "", md_table(t.set_index(t.columns[0]))]
+    return "\n".join(parts)
 
 def dataset_card(meta: pd.DataFrame, cfg: GenConfig, checked: dict) -> str:
-    "Write the README.md dataset card of a generated set"
+    "Write the README.md dataset card (Hugging Face format) of a generated set"
     fz = meta["fitzpatrick"].map(lambda v: FITZPATRICK_ROMAN.get(int(v)) if not is_missing(v) else "?")
     counts = pd.crosstab(meta["dx"].fillna("?"), fz, margins=True, margins_name="total")
     counts.index.name, counts.columns.name = "dx \\ Fitzpatrick", None
@@ -796,30 +817,48 @@ def dataset_card(meta: pd.DataFrame, cfg: GenConfig, checked: dict) -> str:
                         f"({checked['settings']['weights']})",
             "counterfactual": f"{cfg.n} training lesions, each rendered once per {cfg.cf_attribute} value with one seed "
                               "(rows of a lesion share lesion_id)"}.get(cfg.plan, f"the rows of {Path(cfg.plan).name}")
-    return "\n".join([
-        "# Synthetic dermoscopy images (lesiongen)", "", f"**{RESEARCH_ONLY}** These images are synthetic: they show no "
-        "patient, were not reviewed by a dermatologist, and their labels are the prompts they were drawn from.", "",
+    model = Path(cfg.model).resolve()
+    model_sources, model_licences = _model_sources(model)
+    sources = model_sources + (data_sources(cfg.records) if cfg.records else [])
+    contents = "\n".join([
         "| | |", "|---|---|",
         f"| images | {len(meta)} PNG files under `images/` |",
         f"| plan | `{_plan_label(cfg)}`: {desc} |",
-        f"| model | `{Path(cfg.model).resolve()}` ({checked['kind']}{', base ' + str(checked['base']) if checked['base'] else ''}), "
-        f"sha256 `{checked['model_hash'][:16]}…` |",
+        f"| model | `{model}` ({checked['kind']}{', base ' + str(checked['base']) if checked['base'] else ''}), "
+        f"sha256 `{checked['model_hash'][:16]}…`; {'its card: `README.md` there' if (model / 'README.md').is_file() else 'it has no model card'} |",
         f"| sampler | `{checked['scheduler']}`, {cfg.num_inference_steps} steps, guidance {checked['guidance']} "
         f"at noise levels t/T in [{cfg.guidance_interval[0]:g}, {cfg.guidance_interval[1]:g}], "
         f"negative prompt {cfg.negative_prompt!r}, batches of {cfg.batch_size} |",
         f"| seeds | dataset seed {cfg.seed}; every image's seed is in `metadata.csv` |",
         f"| captions | lesiongen's template captions (style short, {cfg.caption_tokenizer} {cfg.caption_max_tokens}-token budget, "
         f"phrasing seed {cfg.caption_seed}), as the training captions |",
-        f"| made by | lesiongen {__version__}, `config.json` holds every setting |", "",
-        "## Images by diagnosis and Fitzpatrick type", "", _md_table(counts), "",
-        "## Files", "",
-        "* `metadata.csv`: one row per image: " + ", ".join(f"`{c}`" for c in meta.columns),
-        "* `plan.csv`: the plan the images were drawn from; `config.json`: the settings", "",
-        "## Use", "",
-        "Read it as a dataset with `lesiongen curate --dataset folder --root . --csv metadata.csv --image-col file_name "
-        "--label-col dx --lesion-col lesion_id --fitzpatrick-col fitzpatrick --out CURATED` (or as a Hugging Face "
-        "imagefolder). Split by `lesion_id`: counterfactual variants of one lesion share it. The Fitzpatrick type is "
-        "the one requested in the prompt, not measured on the image.", ""])
+        f"| attributes from | {'`' + str(cfg.records) + '` (splits ' + ', '.join(cfg.splits) + ')' if cfg.records else 'the plan file'} |",
+        f"| made by | lesiongen {__version__}, `config.json` holds every setting |"])
+    files = "\n".join(["* `metadata.csv`: one row per image: " + ", ".join(f"`{c}`" for c in meta.columns),
+                       "* `plan.csv`: the plan the images were drawn from; `config.json`: the settings"])
+    use = ("Read it as a dataset with `lesiongen curate --dataset folder --root . --csv metadata.csv --image-col file_name "
+           "--label-col dx --lesion-col lesion_id --fitzpatrick-col fitzpatrick --out CURATED` (or as a Hugging Face "
+           "imagefolder). Split by `lesion_id`: counterfactual variants of one lesion share it. The Fitzpatrick type is "
+           "the one requested in the prompt, not measured on the image.")
+    limits = ["Synthetic: no image shows a patient and none was reviewed by a dermatologist. The labels (`dx`, `fitzpatrick`, "
+              "concepts) are the prompts the images were drawn from, not what the images show: measure prompt adherence "
+              "(`lesiongen.adherence`) before trusting them.",
+              "The Fitzpatrick type is the requested one, never measured on the image; the model learned skin types from its "
+              "training captions, which for HAM10000 and Derm7pt are estimated from the skin's ITA.",
+              "It inherits the limits and biases of the model and its training data (see the model's card): diagnoses and "
+              "skin types that were rare in training are drawn least faithfully.",
+              "Images may reproduce training images: check memorisation (`lesiongen.fidelity`) before sharing a set made "
+              "from data with a restrictive licence."]
+    fm = dict(pretty_name=f"lesiongen synthetic dermoscopy ({_plan_label(cfg)} plan)",
+              task_categories=["image-classification", "text-to-image"], size_categories=[size_category(len(meta))],
+              source_datasets=sorted({s["id"] for s in sources if s.get("id")}) or None,
+              tags=["lesiongen-synthetic", "medical", "image"])
+    return hf_card("dataset", fm, "Synthetic dermoscopy images (lesiongen)",
+                   "Synthetic dermoscopy-like images drawn by a lesiongen model from a plan of diagnoses, skin types and "
+                   "Derm7pt concepts; every image's prompt, seed and attributes are in `metadata.csv`.",
+                   sources, [("Contents and generation settings", contents),
+                             ("Images by diagnosis and Fitzpatrick type", md_table(counts)), ("Files", files), ("Use", use)],
+                   limits, evaluation=evaluation_markdown(Path(cfg.out)), licences=model_licences)
 
 # %% ../nbs/07_generate.ipynb #3814c1da
 class _DropTruncationWarnings(logging.Filter):

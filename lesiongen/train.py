@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file, save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .core import (LesionGenError, RESEARCH_ONLY, TEMP_MARK, atomic_write_json, atomic_write_text, unwritable_reason,
-                            atomic_write_bytes, append_line, repair_torn_tail, publish_dir, remove_temps)
+                            atomic_write_bytes, append_line, repair_torn_tail, publish_dir, remove_temps,
+                            card_licences, data_sources, hf_card, md_table)
 from .data import read_records, unsafe_path_reason, is_missing
 from . import captions as _captions
 from .llm import read_captions
@@ -27,14 +28,15 @@ from . import model as _model
 
 # %% auto #0
 __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'DEFAULT_VALIDATION_PROMPTS', 'RESUMABLE_CHANGES',
-           'CHECKPOINT_RE', 'CHECKPOINT_FORMAT', 'STATE_KEYS', 'LOSS_FIELDS', 'TrainConfig', 'read_json',
-           'data_root_of', 'check_base', 'undecodable_images', 'training_data_hash', 'check_inputs', 'list_checkpoints',
-           'read_state', 'check_resumable', 'rng_state', 'set_rng_state', 'optimizer_state', 'optimizer_state_dict',
-           'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'resolve_mixed_precision', 'compact_config',
-           'trainable_names', 'downsampling_factor', 'load_components', 'resize_crop', 'load_image', 'prepare_dataset',
-           'to_unit_range', 'encode_latents', 'encode_prompts', 'epoch_permutation', 'batch_indices', 'make_batch',
-           'compute_loss', 'training_step', 'image_grid', 'validation_pipeline', 'log_validation', 'read_loss',
-           'append_loss', 'plot_loss', 'final_marker', 'save_outputs', 'train']
+           'CHECKPOINT_RE', 'CHECKPOINT_FORMAT', 'STATE_KEYS', 'LOSS_FIELDS', 'BASE_LICENCES', 'TrainConfig',
+           'read_json', 'data_root_of', 'check_base', 'undecodable_images', 'training_data_hash', 'check_inputs',
+           'list_checkpoints', 'read_state', 'check_resumable', 'rng_state', 'set_rng_state', 'optimizer_state',
+           'optimizer_state_dict', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
+           'resolve_mixed_precision', 'compact_config', 'trainable_names', 'downsampling_factor', 'load_components',
+           'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range', 'encode_latents', 'encode_prompts',
+           'epoch_permutation', 'batch_indices', 'make_batch', 'compute_loss', 'training_step', 'image_grid',
+           'validation_pipeline', 'log_validation', 'read_loss', 'append_loss', 'plot_loss', 'final_marker',
+           'save_outputs', 'base_licences', 'model_card', 'train']
 
 # %% ../nbs/05_train.ipynb #7e27598f
 logger = get_logger(__name__, log_level="INFO")
@@ -863,8 +865,10 @@ def _publish_parts(src: Path,  # a folder holding the final files
         else: os.replace(p, dest)
     os.replace(src / marker, out / marker)
 
-def save_outputs(accelerator: Accelerator, unet, components: dict, ema, cfg: TrainConfig) -> Path:
-    "Write the final weights of the run (EMA if any) as safetensors into `cfg.out`, the marker file last"
+def save_outputs(accelerator: Accelerator, unet, components: dict, ema, cfg: TrainConfig,
+                 checked: dict,  # `check_inputs(cfg)`: what the model card says about the training data
+                ) -> Path:
+    "Write the final weights of the run (EMA if any) as safetensors and its model card into `cfg.out`, the marker file last"
     out = Path(cfg.out)
     model = accelerator.unwrap_model(unet)
     if ema is not None: ema.copy_to(list(model.parameters()))
@@ -873,14 +877,104 @@ def save_outputs(accelerator: Accelerator, unet, components: dict, ema, cfg: Tra
     try:
         if lora: _model.save_lora(model, tmp)
         else: validation_pipeline(components, model, cfg).save_pretrained(tmp, safe_serialization=True)
-        atomic_write_text(tmp / "README.md", f"# lesiongen run\n\n{RESEARCH_ONLY}\n\nbase: `{cfg.base}`; "
-                          f"{'LoRA rank ' + str(cfg.rank) if lora else 'full UNet weights'}; "
-                          f"{cfg.max_train_steps} steps at {cfg.resolution} px. Settings: `config.json`; loss: `loss.csv`.\n")
+        atomic_write_text(tmp / "README.md", model_card(cfg, checked, read_loss(out)))
         _fsync_tree(tmp)
         _publish_parts(tmp, out, final_marker(cfg))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / _model.LORA_WEIGHT_NAME if lora else out
+
+# %% ../nbs/05_train.ipynb #e40e1014
+BASE_LICENCES: dict[str, str] = {  # Stable Diffusion Hub id -> the Hub licence id of its weights
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m", "CompVis/stable-diffusion-v1-2": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m", "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++", "stabilityai/stable-diffusion-2-1-base": "openrail++",
+}
+
+def base_licences(base: str,  # `TrainConfig.base`: `compact`, a Hub id or a local pipeline folder
+                 ) -> list[str|None]:  # licence names; None: unknown
+    "List the licences a run inherits from its base: none for `compact`, `BASE_LICENCES` for a Hub id, a folder's own card"
+    if base == "compact": return []
+    if base in BASE_LICENCES: return [BASE_LICENCES[base]]
+    p = Path(base).expanduser()
+    return card_licences(p / "README.md") if p.is_dir() else [None]
+
+def _fitz_table(records) -> str:
+    import pandas as pd
+    from lesiongen.core import FITZPATRICK_ROMAN
+    fz = records["fitzpatrick"].map(lambda v: "?" if is_missing(v) else FITZPATRICK_ROMAN.get(int(v), "?"))
+    t = pd.crosstab(records["dx"].fillna("?"), fz, margins=True, margins_name="total")
+    t.index.name, t.columns.name = "dx \\ Fitzpatrick", None
+    return md_table(t)
+
+def model_card(cfg: TrainConfig,  # the run's settings
+               checked: dict,     # `check_inputs(cfg)`: the training records, their root, the base's kind, the data hash
+               loss: list[dict]|None = None,  # `read_loss` rows; None or []: no loss reported
+              ) -> str:           # README.md text
+    "Write the Hugging Face model card of a finished run: what it is, its data and licences, settings, limitations"
+    lora, compact, hub = cfg.base != "compact" and not cfg.full, cfg.base == "compact", checked["base_kind"] == "hub"
+    licences = base_licences(cfg.base)
+    rec, n = checked["records"], len(checked["records"])
+    sources = data_sources(cfg.records)
+    load = "`lesiongen generate --model THIS_FOLDER ...`"
+    if compact:
+        cc = compact_config(cfg)
+        enc = Path(cc.text_encoder).expanduser()
+        licences += (["apache-2.0"] if cc.text_encoder == "minilm" else card_licences(enc / "README.md") if enc.is_dir() else [None])
+        title = "lesiongen compact text-to-image model"
+        summary = (f"lesiongen's compact pixel-space diffusion model (a diffusers `UNet2DConditionModel`, channels "
+                   f"{list(cc.block_out_channels)}, trained from scratch) at {cfg.resolution} px, conditioned on the frozen "
+                   f"text encoder `{cc.text_encoder}`{' (all-MiniLM-L6-v2, Apache-2.0)' if cc.text_encoder == 'minilm' else ''}, "
+                   f"stored with it in `text_encoder/`. Load it with {load} or "
+                   "`lesiongen.model.LesionGenPipeline.from_pretrained(THIS_FOLDER)`.")
+    elif lora:
+        title = "lesiongen LoRA adapter for Stable Diffusion"
+        summary = (f"A LoRA adapter (rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}) on the UNet attention projections of "
+                   f"the Stable Diffusion base `{cfg.base}`, trained at {cfg.resolution} px. Load it with {load} or diffusers' "
+                   f"`pipe.load_lora_weights(THIS_FOLDER, weight_name=\"{_model.LORA_WEIGHT_NAME}\")` on that base.")
+    else:
+        title = "lesiongen fine-tuned Stable Diffusion"
+        summary = (f"Every UNet weight of the Stable Diffusion base `{cfg.base}` fine-tuned at {cfg.resolution} px"
+                   f"{' (the EMA weights)' if cfg.use_ema else ''}, saved as a diffusers pipeline. Load it with {load} or "
+                   "`StableDiffusionPipeline.from_pretrained(THIS_FOLDER, use_safetensors=True)`.")
+    meta = dict(library_name="diffusers", pipeline_tag="text-to-image",
+                tags=["diffusers", "text-to-image", *(["compact"] if compact else ["stable-diffusion", *(["lora"] if lora else [])])],
+                datasets=[s["id"] for s in sources if s["id"]] or None,
+                base_model=cfg.base if hub else None,
+                base_model_relation=("adapter" if lora else "finetune") if hub else None)
+    splits = ", ".join(f"{s} {k}" for s, k in rec["split"].value_counts().items())
+    data = (f"{n} images ({splits}) from `{cfg.records}`, dataset root `{checked['root']}`, with the captions of "
+            f"`{cfg.captions}` (training-data hash `{checked['data_hash']}`). Images by diagnosis and Fitzpatrick type:\n\n"
+            + _fitz_table(rec))
+    rows = [("base", f"`{cfg.base}`" + (" (from scratch)" if compact else "")),
+            ("method", "full training" if compact else f"LoRA rank {cfg.rank}" if lora else "full UNet fine-tune"),
+            ("resolution", f"{cfg.resolution} px"), ("optimizer steps", cfg.max_train_steps),
+            ("batch", f"{cfg.train_batch_size} per device × {cfg.gradient_accumulation_steps} accumulation"),
+            ("learning rate", f"{cfg.learning_rate:g}, `{cfg.lr_scheduler}`, {cfg.lr_warmup_steps} warm-up steps"),
+            ("caption dropout", cfg.caption_dropout), ("noise offset", cfg.noise_offset), ("Min-SNR-γ", cfg.snr_gamma),
+            ("prediction type", cfg.prediction_type or "the base's"), ("EMA", f"decay {cfg.ema_decay}" if cfg.use_ema else "no"),
+            ("mixed precision", cfg.mixed_precision), ("seed", cfg.seed)]
+    if loss:
+        tail = loss[-min(10, len(loss)):]
+        rows.append(("final loss", f"{sum(r['loss'] for r in tail) / len(tail):.4g} (mean of the last {len(tail)} steps; `loss.csv`, `loss.png`)"))
+    config = ("| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+              + "\n\nEvery setting is in `config.json`; validation grids are in `validation/`.")
+    fz_src = set(rec["fitzpatrick_source"].dropna().astype(str)) if "fitzpatrick_source" in rec.columns else set()
+    limits = [f"Trained on {n} images at {cfg.resolution} px for {cfg.max_train_steps} optimizer steps: diagnoses, skin types "
+              "and concepts that are rare in these images are the least reliable in what it draws."]
+    if any(s["id"] == "lesiongen-phantom" for s in sources):
+        limits.append("Trained on procedural phantom images: it draws phantom-like images, not realistic dermoscopy. "
+                      "Use it to test the pipeline, not as a source of data about real lesions.")
+    if "estimated" in fz_src:
+        limits.append("Skin types in the captions are Fitzpatrick-like groups estimated from the skin's ITA on each image, not "
+                      "assessed by a dermatologist; dark skin (types V–VI) is rare in HAM10000 and Derm7pt.")
+    limits += ["It knows only what lesiongen's template captions say (diagnosis, skin type, Derm7pt concepts, site, age, sex "
+               "where recorded); other prompts are outside its training.",
+               "Diffusion models can reproduce training images: check memorisation (`lesiongen.fidelity`) before sharing "
+               "images generated from data with a restrictive licence.",
+               "Its images have not been reviewed by dermatologists."]
+    return hf_card("model", meta, title, summary, sources, [("Training data", data), ("Training configuration", config)],
+                   limits, licences=licences)
 
 # %% ../nbs/05_train.ipynb #7bf61bb1
 def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `TrainConfig()` for the paper's LoRA, ...)
@@ -1017,7 +1111,7 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
         return out
     if accelerator.is_main_process:
         plot_loss(out)
-        save_outputs(accelerator, unet, components, ema, cfg)  # its marker file, last, says the run is finished
+        save_outputs(accelerator, unet, components, ema, cfg, checked)  # its marker file, last, says the run is finished
         logger.info(f"finished {step} steps" + (f" (resumed at step {start})" if start else "") + f"; outputs in {out}")
     accelerator.end_training()
     return out

@@ -213,3 +213,19 @@ def test_input_errors(d7p, tmp_path):
     bad = df.copy(); bad.loc[bad.index[0], "file_name"] = "images/none.jpg"
     with pytest.raises(LesionGenError, match="not found"): train_judges(bad, tmp_path / "j", cfg, data_root=root)
     assert not (tmp_path / "j").exists()  # nothing written on bad input
+
+
+def test_as_image_batch_with_and_without_resolution():
+    from lesiongen.classify import as_image_batch
+    ims = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(2)]
+    assert as_image_batch(ims).shape == (2, 3, 6, 8)                 # no resolution: kept at their shared size
+    assert as_image_batch(ims, 4).shape == (2, 3, 4, 4)              # resized and centre-cropped like train.load_image
+    assert as_image_batch(np.zeros((2, 6, 8, 3), np.uint8), 6).shape == (2, 3, 6, 6)
+    assert as_image_batch([], 4).shape == (0, 3, 4, 4)
+    mixed = ims + [Image.new("RGB", (4, 4))]
+    assert as_image_batch(mixed, 4).shape == (3, 3, 4, 4)
+    with pytest.raises(LesionGenError, match="real images have different sizes \\(4x4 and 8x6 px\\)"):
+        as_image_batch(mixed, what="real images")
+    with pytest.raises(LesionGenError, match="no images: the set is empty"): as_image_batch([], allow_empty=False)
+    with pytest.raises(LesionGenError, match="resolution must be a positive integer"): as_image_batch(ims, 0)
+    with pytest.raises(LesionGenError, match="as a tensor must be uint8"): as_image_batch(torch.zeros(1, 3, 4, 4))

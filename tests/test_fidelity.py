@@ -191,3 +191,17 @@ def test_bad_input_is_named():
         MemorizationConfig(quantile=0.7)
     with pytest.raises(LesionGenError, match="uint8"):
         extract_features(x.astype(np.float32), PixelFeatures(4))
+
+
+def test_image_batch_is_the_classify_helper():
+    "fidelity.image_batch is classify.as_image_batch without a resolution: the same inputs, results and messages"
+    from lesiongen.classify import as_image_batch
+    from lesiongen.fidelity import image_batch
+    x = fields(3, 0, size=8)
+    assert torch.equal(image_batch(x), as_image_batch(x)) and image_batch(x).shape == (3, 3, 8, 8)
+    ims = [Image.fromarray(im) for im in x]
+    assert torch.equal(image_batch(ims), image_batch(torch.from_numpy(x).permute(0, 3, 1, 2)))
+    for bad in (x.astype(np.float32), [x[0]], "images", ims + [Image.new("RGB", (4, 4))], []):
+        with pytest.raises(LesionGenError) as a: image_batch(bad, "synthetic images")
+        with pytest.raises(LesionGenError) as b: as_image_batch(bad, None, "synthetic images", allow_empty=False)
+        assert str(a.value) == str(b.value) and "synthetic images" in str(a.value)
