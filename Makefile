@@ -49,8 +49,10 @@ check: install
 readme: install
 	$(BIN)/python tools/nbrender.py readme
 
+# The docs site (mkdocs-material + mkdocs-jupyter, config in mkdocs.yml) from the executed notebooks, into _docs/.
+# Fallback without mkdocs: `python tools/nbrender.py docs --out _docs` (plain nbconvert pages).
 docs: install
-	$(BIN)/python tools/nbrender.py docs --out _docs
+	$(BIN)/python tools/docs_site.py build --site-dir _docs
 
 bench: install
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
