@@ -22,6 +22,18 @@ __all__ = ['DX_NAMES', 'DERM7PT_DIAGNOSIS_MAP', 'DERM7PT_GROUPS', 'DERM7PT_CONCE
 class LesionGenError(ValueError):
     "Bad input to lesiongen: the message names the column, value, file or argument at fault"
 
+# %% ../nbs/00_core.ipynb #c1c30f00
+import logging as _logging
+
+class _OptionalTorchvision(_logging.Filter):
+    "Drop transformers' import-time notice that its image processors fall back to PIL without torchvision"
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+# torchvision is not a dependency: diffusers' pipelines import CLIP's image processor, and transformers then prints
+# this notice on every import. lesiongen never uses those processors, so a bad-input error stays one line.
+_logging.getLogger("transformers.utils.import_utils").addFilter(_OptionalTorchvision())
+
 # %% ../nbs/00_core.ipynb #e08e58ac
 DX_NAMES: dict[str, str] = {
     "mel": "melanoma",
