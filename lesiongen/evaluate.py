@@ -192,6 +192,8 @@ def check_experiment_inputs(records,                 # `records.csv` path or a r
     if missing := [f for f in test["file_name"] if not (root / str(f)).is_file()]:
         raise LesionGenError(f"{len(missing)} test image(s) not found under {root}, e.g. {missing[0]}")
     labels = _dx_order(checked["maps"]["dx"])
+    if unseen := sorted(set(test["dx"].astype(str)) - set(labels)):
+        raise LesionGenError(f"test diagnosis {unseen[0]!r} has no training image: the classifiers cannot predict it (training labels {labels})")
     fc = subgroup_config(test, cfg)
     if cfg.resample_by not in df.columns and cfg.resample_by not in fc.bins:
         raise LesionGenError(f"resample_by column {cfg.resample_by!r} does not exist in the records")

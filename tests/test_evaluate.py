@@ -240,6 +240,9 @@ def test_refuses_leaks_labels_and_attributes(data):
     with pytest.raises(LesionGenError, match="attribute 'sex' has 1 group"):
         check_experiment_inputs(rec.assign(sex="female"), [], replace(cfg, attributes=("sex",)), data["root"])
     with pytest.raises(LesionGenError, match="has no metadata.csv"): load_synthetic(d / "raw_real")
+    unseen = rec.copy(); unseen.loc[unseen["split"] == "test", "dx"] = "vasc"
+    with pytest.raises(LesionGenError, match="test diagnosis 'vasc' has no training image"):
+        check_experiment_inputs(unseen, [], cfg, data["root"])
 
 
 # --- audit ---------------------------------------------------------------------------------------------------------
