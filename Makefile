@@ -26,7 +26,7 @@ $(VENV)/.installed: setup.py settings.ini
 	touch $@
 
 demo: install
-	$(BIN)/lesiongen run --out demo_out
+	$(BIN)/lesiongen run --preset quick --out demo_out
 
 test: install
 	$(BIN)/nbdev_test --timing

@@ -52,7 +52,8 @@ class PipelineConfig:
     n_targeted: int = 180        # images of the `targeted` set (types V and VI); 0: no targeted set
     seeds: int = 3               # classifier seeds per regime of the experiment, >= 1
     classifier_resolution: int = 32  # input size of the experiment's classifiers, px
-    threads: int|None = None     # torch CPU threads of the train, generate and evaluate stages; None: torch's default
+    threads: int|None = 1        # torch CPU threads of the train, generate and evaluate stages; None: torch's default. One thread:
+                                 # the same bytes on every machine, and on a shared 2-core machine a second thread doubled the CPU time (`bench/bench_run.py`)
 
     def __post_init__(self):
         # n, size, seed and format are checked by `PhantomConfig`, the stage recipes by their configs (`pipeline_plan`)
@@ -89,7 +90,7 @@ class PipelineConfig:
     def paper(cls, out: str, base: str, **kwargs) -> PipelineConfig:
         "The paper's settings: SD v1.4 LoRA at 256 px for 15k steps, 2,100 + 700 images, the default experiment"
         return cls(**{**dict(out=out, preset="paper", base=base, n=3000, size=256, dx=None, resolution=256, train_steps=15_000,
-                             n_balanced=2100, n_targeted=700, classifier_resolution=64), **kwargs})
+                             n_balanced=2100, n_targeted=700, classifier_resolution=64, threads=None), **kwargs})
 
     @classmethod
     def tiny(cls, out: str, **kwargs) -> PipelineConfig:
@@ -126,9 +127,12 @@ def run_stage(out: Path,       # the run folder
             done = _read_marker(marker, dest)
             if done.get("settings_hash") == h: return dest, False
             refuse(done, "run")
-        if not (resumable and started.exists()):
-            raise LesionGenError(f"{dest} exists but holds no finished stage (no stage.json); remove it or use --force")
-        if _read_marker(started, dest).get("settings_hash") != h: refuse(_read_marker(started, dest), "started")
+        no_stage = f"{dest} exists but holds no finished stage (no stage.json); remove it or use --force"
+        if not resumable: raise LesionGenError(no_stage)
+        if not started.exists():  # only an empty folder, left by a kill before it was marked, is taken over
+            remove_temps(dest)
+            if any(dest.iterdir()): raise LesionGenError(no_stage)
+        elif (begun := _read_marker(started, dest)).get("settings_hash") != h: refuse(begun, "started")
     out.mkdir(parents=True, exist_ok=True)
     remove_temps(out)  # left by a killed run
     t0 = time.perf_counter()
@@ -345,7 +349,8 @@ def run_pipeline(cfg: PipelineConfig,  # the run's settings
     cap = dict(plan["captions"])
     llm = cap.pop("config", None)
     stage("captions", {**cap, "seed": cfg.seed, **({"llm": asdict(llm)} if llm else {})},
-          lambda tmp: caption_records(records, tmp/"captions.jsonl", seed=cfg.seed, config=llm, progress=progress, **cap))
+          lambda folder: caption_records(records, folder/"captions.jsonl", seed=cfg.seed, config=llm, progress=progress, **cap),
+          resumable=True)  # LLM captions take hours: a killed run keeps the lines written
     if until == "captions": return _finish(cfg, out, dirs)
     from lesiongen.train import train, list_checkpoints
     tcfg = plan["train"]
@@ -660,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-balanced", type=int, help="images of the balanced set (default: the preset's)")
     r.add_argument("--n-targeted", type=int, help="images of the targeted set, Fitzpatrick V-VI; 0: none (default: the preset's)")
     r.add_argument("--seeds", type=int, help="classifier seeds of the experiment (default: 3)")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    r.add_argument("--threads", type=int, help="torch CPU threads of train, generate and evaluate (default: 1; paper: torch's)")
     r.add_argument("--until", choices=STAGES, default="evaluate", help="stop after this stage (default: %(default)s)")
     r.add_argument("--force", action="store_true", help="redo finished stages")
     r.add_argument("--quiet", action="store_true", help="no progress bars")

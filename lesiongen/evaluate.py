@@ -643,6 +643,13 @@ class ExperimentResults:
                             beats=beats, clear=all(w.loc[r, "lo"] > w.loc[b, "hi"] or w.loc[r, "hi"] < w.loc[b, "lo"] for b in base)))
         return out
 
+def _clip_unit(df: pd.DataFrame, rows=None) -> pd.DataFrame:
+    "Clip pooled intervals of rates (all metrics here, and group rows) to [0, 1]: the seed t-interval is symmetric and can pass a bound"
+    df = df.copy()
+    rows = slice(None) if rows is None else rows
+    for k in ("lo", "hi"): df.loc[rows, k] = df.loc[rows, k].clip(0, 1)
+    return df
+
 def _pool_with_sizes(tidy: pd.DataFrame) -> pd.DataFrame:
     "Pool subgroup rows over seeds, keeping each group's test size and small flag"
     p = pool_seeds(tidy)
@@ -670,14 +677,15 @@ def collect_results(out: str|Path,  # an experiment folder
     pairs = _headline(exp)
     hm, hf = mets[_is_headline(mets, pairs)], fair[_is_headline(fair, pairs)]
     order = {k: i for i, k in enumerate(dict.fromkeys(runs["regime"]))}
-    pooled = pool_seeds(hm).sort_values("regime", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    pooled = _clip_unit(pool_seeds(hm).sort_values("regime", key=lambda s: s.map(order), kind="stable").reset_index(drop=True))
     pooled_f = _pool_with_sizes(hf) if len(hf) else hf
+    if len(pooled_f): pooled_f = _clip_unit(pooled_f, pooled_f["kind"] == "group")
     dose_set = next((n for n, s in exp["synthetic"].items() if s["plan"] != "targeted"), None)
     if dose_set is not None:
         sel = lambda df: df[(df["regime"] == "real") | ((df["regime"] == f"real + {dose_set}") & df["ratio"].notna())]
         dm, df_ = sel(mets).copy(), sel(fair).copy()
         dm["regime"], df_["regime"] = f"real + {dose_set}", f"real + {dose_set}"
-        dose = pool_seeds(dm).sort_values("ratio", kind="stable").reset_index(drop=True)
+        dose = _clip_unit(pool_seeds(dm).sort_values("ratio", kind="stable").reset_index(drop=True))
     else: dose, df_ = pd.DataFrame(), pd.DataFrame()
     return ExperimentResults(runs=runs, metrics=mets, fairness=fair, pooled=pooled, pooled_fairness=pooled_f,
                              dose=dose, dose_fairness=df_, experiment=exp)

@@ -98,14 +98,15 @@ def test_real_ham10000_metadata_with_placeholder_images(tmp_path):
 
 
 def test_run_pipeline_resumes(tmp_path):
+    "The data stages of `lesiongen run` (the whole method is tested in test_cli_run.py)"
     out = tmp_path / "run"
-    p = run("run", "--out", out, "--n", 40, "--size", 32, "--quiet")
+    p = run("run", "--out", out, "--n", 40, "--size", 32, "--until", "captions", "--quiet")
     assert "lesions in more than one split: 0" in p.stdout
     marker = out / "phantom" / "stage.json"
     before = marker.read_text()
-    run("run", "--out", out, "--n", 40, "--size", 32, "--quiet")
+    run("run", "--out", out, "--n", 40, "--size", 32, "--until", "captions", "--quiet")
     assert marker.read_text() == before
-    p = run("run", "--out", out, "--n", 41, "--size", 32, "--quiet", check=False)
+    p = run("run", "--out", out, "--n", 41, "--size", 32, "--until", "captions", "--quiet", check=False)
     assert p.returncode == 2 and "other settings (n)" in p.stderr and "--force" in p.stderr
 
 

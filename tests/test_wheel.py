@@ -108,8 +108,12 @@ def test_main_job_from_the_wheel(venv):
     assert n_tok == count_tokens([c["text"] for c in caps], load_tokenizer("clip"))
     assert max(n_tok) <= 77 and min(n_tok) >= 10, n_tok  # CLIP tokens: a diagnosis + skin type phrase is ~20
 
-    lg("run", "--out", "R", "--n", 20, "--size", 32, "--quiet")  # the pipeline command: phantom, curate, captions
-    assert (w / "R" / "captions" / "captions.jsonl").is_file() and (w / "R" / "curated" / "records.csv").is_file()
+    # the main job end to end (data -> curate -> captions -> train -> generate -> evaluate -> report), at test size;
+    # `--preset quick` is the same pipeline at the README's size (about 7 minutes: bench/bench_run.py)
+    lg("run", "--preset", "tiny", "--out", "R", "--quiet")
+    assert (w / "R" / "curated" / "records.csv").is_file() and (w / "R" / "captions" / "captions.jsonl").is_file()
+    results = json.loads(next((w / "R").rglob("results.json")).read_text())
+    assert results["research_use"] and results["claims"] and next((w / "R").rglob("report.html")).is_file()
 
     from lesiongen.model import CompactConfig
     from dataclasses import asdict
