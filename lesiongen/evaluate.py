@@ -24,8 +24,10 @@ from .classify import (JudgeConfig, Judges, check_judge_inputs, decode_images, f
 from .fairness import (FairnessConfig, add_groups, assess_fairness, audit_counterfactual, check_groups,
                                 cluster_weights, confusion_tensor, plot_audit, plot_by_group, plot_dose_response,
                                 plot_gaps, pool_seeds)
-from .fidelity import (FidelityConfig, JudgeFeatures, MemorizationConfig, extract_features, fidelity_scores,
-                                audit_memorization, PixelFeatures, plot_fidelity, plot_nearest_distances)
+from .fidelity import (FidelityConfig, JudgeFeatures, MemorizationConfig, extract_features, extractor_name,
+                                fidelity_scores, audit_memorization, PixelFeatures, plot_fidelity, plot_nearest_distances,
+                                _json_safe)
+from .generate import file_sha256
 
 # %% auto #0
 __all__ = ['logger', 'BASELINES', 'EXPERIMENT_ATTRIBUTES', 'experiment_fairness', 'ExperimentConfig', 'SyntheticSet',
@@ -471,12 +473,6 @@ def train_run(run: Run,              # the run
     return record
 
 # %% ../nbs/10_evaluate.ipynb #8785eee5
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
-
 def _identity(cfg: ExperimentConfig, checked: dict, sets: Sequence[SyntheticSet]) -> dict:
     "What ties an experiment folder to its inputs: settings, records digest, sets and their manifests' digests"
     rec = checked["path"]
@@ -485,10 +481,10 @@ def _identity(cfg: ExperimentConfig, checked: dict, sets: Sequence[SyntheticSet]
         for k in ("progress", "num_threads"): d.pop(k, None)
     return {"config": config,
             "records": {"path": None if rec is None else str(Path(rec).resolve()),
-                        "sha256": _sha256_file(Path(rec)) if rec is not None else hashlib.sha256(
+                        "sha256": file_sha256(Path(rec)) if rec is not None else hashlib.sha256(
                             pd.util.hash_pandas_object(checked["records"], index=False).values.tobytes()).hexdigest()},
             "synthetic": {s.name: {"path": str(s.path.resolve()), "plan": s.plan, "n": len(s),
-                                   "sha256": _sha256_file(s.path / "metadata.csv")} for s in sets}}
+                                   "sha256": file_sha256(s.path / "metadata.csv")} for s in sets}}
 
 def _differences(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -730,7 +726,7 @@ def score_sets(out: str|Path,                # an experiment folder (its runs ne
         for k, e in extractors.items():
             fs = extract_features(xs, e, cfg.fidelity.batch_size)
             gr, gs = train[["dx", "fitzpatrick"]], s.meta.reindex(columns=["dx", "fitzpatrick"])
-            res["fidelity"][k] = fidelity_scores(feats_real[k], fs, gr, gs, cfg.fidelity, extractors[k].name if hasattr(extractors[k], "name") else k)
+            res["fidelity"][k] = fidelity_scores(feats_real[k], fs, gr, gs, cfg.fidelity, extractor_name(extractors[k]))
         pix = PixelFeatures(cfg.memorization.pixel_size)
         f = lambda x: (extract_features(x, extractors["judge"], cfg.memorization.batch_size), extract_features(x, pix, cfg.memorization.batch_size))
         res["memorization"] = audit_memorization(*f(xs), *f(x_train), *f(x_test), config=cfg.memorization,
@@ -818,14 +814,6 @@ def _ci(d: dict) -> str:
     return "n/a" if d is None or d.get("value") is None or not math.isfinite(d["value"]) else (
         f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]" if d.get("lo") is not None and math.isfinite(d["lo"]) else f"{d['value']:.3f}")
 
-def _clean(v):
-    if isinstance(v, dict): return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)): return [_clean(x) for x in v]
-    if isinstance(v, (np.bool_,)): return bool(v)
-    if isinstance(v, np.integer): return int(v)
-    if isinstance(v, (float, np.floating)): return None if not math.isfinite(float(v)) else float(v)
-    return v
-
 def results_dict(res: ExperimentResults, scored: dict|None, out: Path) -> dict:
     "The `results.json` content (schema `lesiongen-evaluate/1`)"
     regimes = {}
@@ -854,7 +842,7 @@ def results_dict(res: ExperimentResults, scored: dict|None, out: Path) -> dict:
                      "memorization": s["memorization"].summary(),
                      "adherence": s["adherence"].summary() if s.get("adherence") is not None else None}
     exp = res.experiment
-    return _clean({"schema": "lesiongen-evaluate/1", "research_use": RESEARCH_ONLY,
+    return _json_safe({"schema": "lesiongen-evaluate/1", "research_use": RESEARCH_ONLY,
                    "inputs": {k: exp[k] for k in ("records", "synthetic", "config")}, "generators": exp.get("generators"),
                    "runs": runs, "regimes": regimes, "dose_response": {"points": dose, "skipped": exp.get("skipped", [])},
                    "claims": res.claims(), "synthetic": syn})

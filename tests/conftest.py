@@ -30,3 +30,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def curated_phantom(root, n: int, seed: int, format: str = "derm7pt", size: int = 32, **cfg):
+    "Write a phantom set under `root/raw` and curate it into `root/cur`; return the records.csv path"
+    from lesiongen.data import curate
+    from lesiongen.phantom import PhantomConfig, write_phantom
+    write_phantom(root / "raw", PhantomConfig(n=n, size=size, seed=seed, format=format, **cfg), progress=False)
+    curate(format, root / "raw", root / "cur")
+    return root / "cur" / "records.csv"

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import curated_phantom
 import torch
 from PIL import Image
 
@@ -20,10 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture of conf
 @pytest.fixture(scope="module")
 def d7p(tmp_path_factory):
     "A curated phantom Derm7pt set: 200 cases at 32 px (about 80 train, 40 valid, 80 test)"
-    root = tmp_path_factory.mktemp("d7p")
-    write_phantom(root / "raw", PhantomConfig(n=200, size=32, seed=1, format="derm7pt"), progress=False)
-    curate("derm7pt", root / "raw", root / "cur")
-    return root / "cur" / "records.csv"
+    return curated_phantom(tmp_path_factory.mktemp("d7p"), n=200, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import curated_phantom
 from sklearn.metrics import roc_auc_score
 
 from faults import leftover_temps, lesiongen_cmd, run_with_kills
@@ -59,13 +60,11 @@ def phantom_cohort(out: Path, n: int = 8, size: int = 32) -> Path:
 def data(tmp_path_factory):
     "Real phantom records (300 cases, 3 diagnoses, 32 px), an oracle synthetic set and a prompt-blind one"
     d = tmp_path_factory.mktemp("evaluate")
-    for name, seed in (("real", 1), ("syn", 7)):
-        write_phantom(d / f"raw_{name}", PhantomConfig(n=300, size=32, seed=seed, format="derm7pt", dx_probs=DX3), progress=False)
-        curate("derm7pt", d / f"raw_{name}", d / f"cur_{name}")
-    syn = read_records(d / "cur_syn" / "records.csv")
-    return dict(dir=d, records=d / "cur_real" / "records.csv", root=d / "raw_real", syn=syn,
-                oracle=as_generated_set(syn, d / "raw_syn", d / "oracle", "balanced"),
-                blind=as_generated_set(syn, d / "raw_syn", d / "blind", "empirical", shuffle_dx=True))
+    records = curated_phantom(d / "real", n=300, seed=1, dx_probs=DX3)
+    syn = read_records(curated_phantom(d / "syn", n=300, seed=7, dx_probs=DX3))
+    return dict(dir=d, records=records, root=d / "real" / "raw", syn=syn,
+                oracle=as_generated_set(syn, d / "syn" / "raw", d / "oracle", "balanced"),
+                blind=as_generated_set(syn, d / "syn" / "raw", d / "blind", "empirical", shuffle_dx=True))
 
 
 @pytest.fixture(scope="module")
@@ -219,17 +218,17 @@ def test_refuses_leaks_labels_and_attributes(data):
     leaky.loc[leaky["split"] == "test", "lesion_id"] = leaky.loc[leaky["split"] == "train", "lesion_id"].iloc[0]
     with pytest.raises(LesionGenError, match="test split shares"): check_experiment_inputs(leaky, [], cfg, data["root"])
     d = data["dir"]
-    odd = as_generated_set(data["syn"].head(4).assign(dx="akiec"), d / "raw_syn", d / "odd", "balanced")
+    odd = as_generated_set(data["syn"].head(4).assign(dx="akiec"), d / "syn" / "raw", d / "odd", "balanced")
     with pytest.raises(LesionGenError, match="diagnosis 'akiec', which is not in the real training labels"):
         check_experiment_inputs(data["records"], [load_synthetic(odd)], cfg)
-    donor = as_generated_set(data["syn"].head(4), d / "raw_syn", d / "donor", "balanced")
+    donor = as_generated_set(data["syn"].head(4), d / "syn" / "raw", d / "donor", "balanced")
     m = pd.read_csv(donor / "metadata.csv"); m["source_image_id"] = rec.loc[rec["split"] == "test", "image_id"].iloc[0]
     m.to_csv(donor / "metadata.csv", index=False)
     with pytest.raises(LesionGenError, match="planned from 1 test-split record"):
         check_experiment_inputs(data["records"], [load_synthetic(donor)], cfg)
     gen = d / "generator"; gen.mkdir(exist_ok=True)
     (gen / "config.json").write_text(json.dumps({"records": str(data["records"]), "splits": ["train", "test"]}))
-    peek = as_generated_set(data["syn"].head(4), d / "raw_syn", d / "peek", "balanced")
+    peek = as_generated_set(data["syn"].head(4), d / "syn" / "raw", d / "peek", "balanced")
     m = pd.read_csv(peek / "metadata.csv"); m["model"] = str(gen); m.to_csv(peek / "metadata.csv", index=False)
     with pytest.raises(LesionGenError, match="generator of synthetic set 'peek' was trained on"):
         check_experiment_inputs(data["records"], [load_synthetic(peek)], cfg)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import curated_phantom
 import torch
 from PIL import Image
 
@@ -37,10 +38,7 @@ def judges(d7p, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def ham(tmp_path_factory):
     "A curated phantom HAM10000 set of 30 images at 32 px: no concept annotations"
-    root = tmp_path_factory.mktemp("ham")
-    write_phantom(root / "raw", PhantomConfig(n=30, size=32, seed=5, format="ham10000"), progress=False)
-    curate("ham10000", root / "raw", root / "cur")
-    return root / "cur" / "records.csv"
+    return curated_phantom(tmp_path_factory.mktemp("ham"), n=30, seed=5, format="ham10000")
 
 
 def _raw_root(records):
