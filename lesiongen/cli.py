@@ -485,6 +485,7 @@ _TRAIN_ARGS = {  # CLI option -> `TrainConfig` field, for options given on the c
     "max_steps": "max_train_steps", "batch_size": "train_batch_size", "grad_accum": "gradient_accumulation_steps",
     "lr": "learning_rate", "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps",
     "mixed_precision": "mixed_precision", "caption_dropout": "caption_dropout", "noise_offset": "noise_offset", "snr_gamma": "snr_gamma",
+    "balance_by": "balance_by", "balance_power": "balance_power",
     "prediction_type": "prediction_type", "ema": "use_ema", "checkpointing_steps": "checkpointing_steps",
     "checkpoints_total_limit": "checkpoints_total_limit", "resume": "resume_from_checkpoint",
     "validation_prompt": "validation_prompts", "num_validation_images": "num_validation_images",
@@ -516,7 +517,7 @@ def train_config_from_args(a) -> "TrainConfig":
     from lesiongen.train import TrainConfig
     given = {field: getattr(a, opt) for opt, field in _TRAIN_ARGS.items()
              if getattr(a, opt) is not None and getattr(a, opt) is not False}  # 0 is a value, not "not given"
-    for key in ("splits", "validation_prompts"):
+    for key in ("splits", "validation_prompts", "balance_by"):
         if key in given: given[key] = tuple(given[key])
     if a.no_gradient_checkpointing: given["gradient_checkpointing"] = False
     if a.no_progress: given["progress"] = False
@@ -767,6 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--caption-dropout", type=float, help="share of empty captions, for classifier-free guidance")
     t.add_argument("--noise-offset", type=float, help="offset noise: std of a per-image, per-channel constant added to the training noise (e.g. 0.1)")
     t.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5.0)")
+    t.add_argument("--balance-by", nargs="+", metavar="COLUMN",
+                   help="rebalance the data order over these record columns' groups, e.g. dx (compact default: dx)")
+    t.add_argument("--balance-power", type=float, help="alpha: draw an image with weight (group count)^-alpha; 0 natural, 1 equal groups")
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     t.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights")
     t.add_argument("--checkpointing-steps", type=int)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -34,9 +35,9 @@ __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'D
            'optimizer_state_dict', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
            'resolve_mixed_precision', 'compact_config', 'trainable_names', 'downsampling_factor', 'load_components',
            'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range', 'encode_latents', 'encode_prompts',
-           'epoch_permutation', 'batch_indices', 'make_batch', 'compute_loss', 'training_step', 'image_grid',
-           'validation_pipeline', 'log_validation', 'read_loss', 'append_loss', 'plot_loss', 'final_marker',
-           'save_outputs', 'base_licences', 'model_card', 'train']
+           'epoch_permutation', 'sampling_weights', 'batch_indices', 'make_batch', 'compute_loss', 'training_step',
+           'image_grid', 'validation_pipeline', 'log_validation', 'read_loss', 'append_loss', 'plot_loss',
+           'final_marker', 'save_outputs', 'base_licences', 'model_card', 'train']
 
 # %% ../nbs/05_train.ipynb #7e27598f
 logger = get_logger(__name__, log_level="INFO")
@@ -83,6 +84,8 @@ class TrainConfig:
     mixed_precision: str = "auto"    # `auto` (fp16 on CUDA, `no` on CPU), `no`, `fp16` or `bf16`
     gradient_checkpointing: bool = True  # recompute UNet activations in the backward pass (saves memory, costs time)
     caption_dropout: float = 0.1     # share of captions replaced by the empty prompt (for classifier-free guidance), [0, 1)
+    balance_by: tuple = ()           # record columns whose joint groups are rebalanced in the data order (e.g. ("dx",)); empty: natural order
+    balance_power: float = 0.5       # α of the rebalancing: an image is drawn ∝ (its group's count)^-α; 0 natural, 1 equal groups
     noise_offset: float = 0.0        # std of a per-image, per-channel constant added to the training noise (offset noise,
                                      # diffusers' `--noise_offset`), [0, 1): lets a pixel model learn the image mean (skin tone) from the caption
     snr_gamma: float|None = None     # Min-SNR-γ loss weighting (e.g. 5.0); None: plain MSE
@@ -139,6 +142,11 @@ class TrainConfig:
         if self.text_cache_dir is not None and self.base != "compact": raise LesionGenError("text_cache_dir applies to base 'compact' only")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1): bad("num_threads", "a positive integer or None")
         if isinstance(self.splits, str): self.splits = (self.splits,)
+        if isinstance(self.balance_by, str): self.balance_by = (self.balance_by,)
+        self.balance_by = tuple(self.balance_by)
+        if any(not isinstance(b, str) or not b.strip() for b in self.balance_by): bad("balance_by", "a tuple of record column names")
+        if isinstance(self.balance_power, bool) or not isinstance(self.balance_power, (int, float)) or not 0 <= self.balance_power <= 1:
+            bad("balance_power", "a number in [0, 1]")
         self.splits, self.validation_prompts = tuple(self.splits), tuple(self.validation_prompts)
         if not self.splits: bad("splits", "a non-empty tuple of split names")
         if any(not isinstance(p, str) or not p.strip() for p in self.validation_prompts): bad("validation_prompts", "non-empty strings")
@@ -245,6 +253,8 @@ def check_inputs(cfg: TrainConfig,  # the run settings
         raise LesionGenError(f"split(s) {bad} not in {records_path} (it has {sorted(known)})")
     train = records[records["split"].isin(list(cfg.splits))].reset_index(drop=True)
     if not len(train): raise LesionGenError(f"no records of split(s) {list(cfg.splits)} in {records_path}")
+    if bad := [b for b in cfg.balance_by if b not in train.columns]:
+        raise LesionGenError(f"balance_by column(s) {bad} not in {records_path} (it has {', '.join(train.columns)})")
     caps = read_captions(cfg.captions)
     if not len(caps): raise LesionGenError(f"captions file {cfg.captions} holds no captions")
     cap_ids, all_ids, train_ids = list(caps["image_id"].astype(str)), set(records["image_id"].astype(str)), list(train["image_id"].astype(str))
@@ -330,6 +340,7 @@ def check_resumable(state: dict,  # a checkpoint's `state.json` (`read_state`)
                    ) -> None:
     "Refuse to resume from the checkpoint `path` with settings or training data other than those it was saved with"
     saved, now = state["config"], _to_json(asdict(cfg))
+    saved = {**_to_json(asdict(TrainConfig())), **saved}  # a setting added since the checkpoint was saved: its default then
     if diff := [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]:
         raise LesionGenError(f"cannot resume from {path}: setting(s) changed since it was saved: "
                              + "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:5])
@@ -665,10 +676,27 @@ def encode_prompts(texts: Sequence[str],   # prompts to encode (duplicates are e
     return dict(hidden=hidden, mask=mask, index=index, encoded=len(todo))
 
 # %% ../nbs/05_train.ipynb #65fced3a
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    "Return the image order of `epoch`, seeded by (`seed`, `epoch`)"
-    g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{epoch}".encode()).hexdigest()[:15], 16))
-    return torch.randperm(n, generator=g)
+def _order_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{epoch}".encode()).hexdigest()[:15], 16))
+
+def epoch_permutation(n: int, seed: int, epoch: int,
+                      weights: torch.Tensor|None = None,  # per-image sampling weights (`sampling_weights`); None: a permutation
+                     ) -> torch.Tensor:  # `n` image indices
+    "Return the image order of `epoch`, seeded by (`seed`, `epoch`): a permutation, or `n` weighted draws with replacement"
+    g = _order_generator(seed, epoch)
+    if weights is None: return torch.randperm(n, generator=g)
+    return torch.multinomial(weights.double(), n, replacement=True, generator=g)
+
+def sampling_weights(records,               # training records, in training order
+                     balance_by: Sequence[str],  # columns whose joint groups are rebalanced; empty: None
+                     power: float = 0.5,    # α: weight ∝ (group count)^-α; 0 natural, 0.5 square-root, 1 equal groups
+                    ) -> torch.Tensor|None:  # per-image weights summing to 1, or None
+    "Per-image sampling weights that give each group of `balance_by` a share ∝ its count^(1-α)"
+    if not balance_by or power == 0: return None
+    keys = records[list(balance_by)].astype(str).agg("|".join, axis=1)
+    counts = keys.map(keys.value_counts())
+    w = torch.tensor(counts.to_numpy(dtype=float) ** -power, dtype=torch.float64)
+    return w / w.sum()
 
 def batch_indices(order: torch.Tensor, batch: int, batch_size: int, num_processes: int = 1, process_index: int = 0) -> torch.Tensor:
     "Return process `process_index`'s indices of micro-batch `batch` of an epoch in `order`"
@@ -1051,6 +1079,11 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     if accelerator.is_main_process and cfg.report_to:
         accelerator.init_trackers("lesiongen", config={k: str(v) if isinstance(v, (tuple, dict, list)) else v for k, v in asdict(cfg).items()})
 
+    weights = sampling_weights(checked["records"], cfg.balance_by, cfg.balance_power)
+    if weights is not None:
+        shares = pd.Series(weights.numpy(), index=checked["records"][list(cfg.balance_by)].astype(str).agg("|".join, axis=1)).groupby(level=0).sum()
+        logger.info(f"balanced data order by {'×'.join(cfg.balance_by)} (α={cfg.balance_power:g}): "
+                    + ", ".join(f"{k} {v:.0%}" for k, v in shares.sort_values(ascending=False).items()))
     batches_per_epoch = n // per_batch
     micro_total = cfg.max_train_steps * cfg.gradient_accumulation_steps
     num_epochs = math.ceil(micro_total / batches_per_epoch)
@@ -1071,7 +1104,7 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     window: list[float] = []
     try:
         for epoch in range(epoch0, num_epochs):
-            order = epoch_permutation(n, cfg.seed, epoch)
+            order = epoch_permutation(n, cfg.seed, epoch, weights)
             for b in range(batch0 if epoch == epoch0 else 0, batches_per_epoch):
                 if step >= cfg.max_train_steps or (stop_at_step is not None and step >= stop_at_step): break
                 idx = batch_indices(order, b, cfg.train_batch_size, accelerator.num_processes, accelerator.process_index)

@@ -194,10 +194,11 @@ def test_train_compact_from_the_command_line(tmp_path):
     out = tmp_path / "run"
     p = run("train", "--records", records, "--captions", tmp_path / "c.jsonl", "--base", "compact", "--out", out,
             "--max-steps", 2, "--batch-size", 4, "--checkpointing-steps", 1, "--num-validation-images", 1,
-            "--validation-prompt", "dermoscopy image of a melanoma", "--no-progress")
+            "--validation-prompt", "dermoscopy image of a melanoma", "--balance-by", "dx", "--balance-power", 1, "--no-progress")
     assert "not for clinical use" in p.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["base"], cfg["max_train_steps"], cfg["train_batch_size"], cfg["resolution"]) == ("compact", 2, 4, 32)
+    assert (cfg["balance_by"], cfg["balance_power"]) == (["dx"], 1)
     assert len(pd.read_csv(out / "loss.csv")) == 2
     weights = [f.name for f in out.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pkl", ".ckpt")]
     assert weights and all(w.endswith(".safetensors") for w in weights)
@@ -215,6 +216,8 @@ def test_train_bad_input_named(tmp_path):
     assert p.returncode == 2 and "rank" in p.stderr
     p = run(*common, "--base", "compact", "--resolution", 30, check=False)
     assert p.returncode == 2 and "resolution" in p.stderr
+    p = run(*common, "--base", "compact", "--balance-by", "lesion_colour", check=False)
+    assert p.returncode == 2 and "lesion_colour" in _error_line(p)
     (tmp_path / "empty.jsonl").write_text("")
     p = run("train", "--records", records, "--captions", tmp_path / "empty.jsonl", "--out", tmp_path / "run",
             "--base", "compact", check=False)
