@@ -188,9 +188,8 @@ def _train_config(cfg: PipelineConfig, out: Path, progress: bool):
     if cfg.preset == "paper": return TrainConfig(base=cfg.base, resolution=cfg.resolution, max_train_steps=steps, **io)
     every = dict(checkpointing_steps=max(1, steps // 6), checkpoints_total_limit=2, validation_steps=steps)  # grid once, at the end
     if cfg.preset == "tiny": return TrainConfig.tiny(max_train_steps=steps, **every, **io)
-    # the measured 32 px recipe (bench/recipes/compact32.json + offset noise, bench_frontier.py), with a short warm-up
-    return TrainConfig.compact(resolution=cfg.resolution, model_config={"addition_embed_type": "text"}, noise_offset=0.1,
-                               max_train_steps=steps, lr_warmup_steps=min(100, steps // 10), num_validation_images=2,
+    # the measured recipe (`TrainConfig.compact()`), with a warm-up scaled to the preset's steps
+    return TrainConfig.compact(resolution=cfg.resolution, max_train_steps=steps, lr_warmup_steps=min(100, steps // 10), num_validation_images=2,
                                **every, **io)
 
 def _gen_config(cfg: PipelineConfig, out: Path, plan: str, progress: bool):
@@ -769,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--noise-offset", type=float, help="offset noise: std of a per-image, per-channel constant added to the training noise (e.g. 0.1)")
     t.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5.0)")
     t.add_argument("--balance-by", nargs="+", metavar="COLUMN",
-                   help="rebalance the data order over these record columns' groups, e.g. dx (compact default: dx)")
+                   help="rebalance the data order over these record columns' groups, e.g. dx (compact recipe: dx; --balance-power 0 keeps the natural order)")
     t.add_argument("--balance-power", type=float, help="alpha: draw an image with weight (group count)^-alpha; 0 natural, 1 equal groups")
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     t.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights")
