@@ -1086,8 +1086,9 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     weights = sampling_weights(checked["records"], cfg.balance_by, cfg.balance_power)
     if weights is not None:
         shares = pd.Series(weights.numpy(), index=checked["records"][list(cfg.balance_by)].astype(str).agg("|".join, axis=1)).groupby(level=0).sum()
-        logger.info(f"balanced data order by {'×'.join(cfg.balance_by)} (α={cfg.balance_power:g}): "
-                    + ", ".join(f"{k} {v:.0%}" for k, v in shares.sort_values(ascending=False).items()))
+        shares = shares.sort_values(ascending=False)
+        logger.info(f"balanced data order by {'×'.join(cfg.balance_by)} (α={cfg.balance_power:g}), {len(shares)} groups: "
+                    + ", ".join(f"{k} {v:.0%}" for k, v in shares.head(8).items()) + (", ..." if len(shares) > 8 else ""))
     batches_per_epoch = n // per_batch
     micro_total = cfg.max_train_steps * cfg.gradient_accumulation_steps
     num_epochs = math.ceil(micro_total / batches_per_epoch)
