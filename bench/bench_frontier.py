@@ -17,10 +17,12 @@ Variants (32 px, batch 32, the `TrainConfig.compact()` recipe otherwise):
   nodrop    compact without caption dropout (the unconditional branch of guidance is then never trained)
   offset    compact with offset noise 0.1 (`TrainConfig.noise_offset`; same step cost as compact, so it gets its steps)
   text_offset  text with offset noise 0.1 (the step cost of text)
-  text_offset_balanced  text_offset with diagnosis-balanced batches (`balance_by=("dx",)`, α = 1): `TrainConfig.compact()`
+  text_offset_dx  text_offset with diagnosis-balanced batches (`balance_by=("dx",)`, α = 1)
+  text_offset_balanced  text_offset with batches balanced over diagnosis x skin type (`balance_by=("dx", "fitzpatrick")`,
+            α = 1): `TrainConfig.compact()`
 
 Usage: python bench/bench_frontier.py --records R --captions C --judges J --work DIR [--minutes 10] [--parallel 2]
-         [--variants naive compact text nodrop offset text_offset text_offset_balanced] [--n 210] [--cf 20]
+         [--variants naive compact ... text_offset_balanced] [--n 210] [--cf 20]
 """
 import argparse, json, logging, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,14 +46,16 @@ from lesiongen.model import CompactConfig, compact_noise_scheduler, compact_unet
 from lesiongen.train import data_root_of, load_image  # noqa: E402
 
 _XATTN = dict(addition_embed_type=None)  # text through cross-attention only (the recipe adds the pooled caption)
-VARIANTS = {  # name: (model config overrides, caption dropout, text encoder on every step, noise offset, dx balance α)
-    "naive": (dict(block_out_channels=[32, 64, 64], attention_levels=[True, True, True], **_XATTN), 0.1, True, 0.0, 0.0),
-    "compact": (_XATTN, 0.1, False, 0.0, 0.0),
-    "text": (dict(addition_embed_type="text"), 0.1, False, 0.0, 0.0),
-    "nodrop": (_XATTN, 0.0, False, 0.0, 0.0),
-    "offset": (_XATTN, 0.1, False, 0.1, 0.0),
-    "text_offset": (dict(addition_embed_type="text"), 0.1, False, 0.1, 0.0),
-    "text_offset_balanced": (dict(addition_embed_type="text"), 0.1, False, 0.1, 1.0),  # `TrainConfig.compact()`
+_NATURAL = ((), 0.0)  # data order: (balance_by columns, α); natural order
+VARIANTS = {  # name: (model config overrides, caption dropout, text encoder on every step, noise offset, data order)
+    "naive": (dict(block_out_channels=[32, 64, 64], attention_levels=[True, True, True], **_XATTN), 0.1, True, 0.0, _NATURAL),
+    "compact": (_XATTN, 0.1, False, 0.0, _NATURAL),
+    "text": (dict(addition_embed_type="text"), 0.1, False, 0.0, _NATURAL),
+    "nodrop": (_XATTN, 0.0, False, 0.0, _NATURAL),
+    "offset": (_XATTN, 0.1, False, 0.1, _NATURAL),
+    "text_offset": (dict(addition_embed_type="text"), 0.1, False, 0.1, _NATURAL),
+    "text_offset_dx": (dict(addition_embed_type="text"), 0.1, False, 0.1, (("dx",), 1.0)),
+    "text_offset_balanced": (dict(addition_embed_type="text"), 0.1, False, 0.1, (("dx", "fitzpatrick"), 1.0)),  # `TrainConfig.compact()`
 }
 
 
@@ -83,14 +87,14 @@ def pilot_rate(overrides: dict, encode: bool, x, texts, text, steps: int = 6) ->
 
 def train_variant(name: str, work: Path, records: Path, captions: Path, steps: int, size: int) -> float:
     "Train one variant with `lesiongen train` on one thread; returns wall-clock minutes (0 if it was already trained)"
-    overrides, dropout, _, offset, balance = VARIANTS[name]
+    overrides, dropout, _, offset, (balance_by, power) = VARIANTS[name]
     run = work / name
     if (run / "model_index.json").is_file(): return 0.0
     mc = work / f"{name}.json"
     mc.write_text(json.dumps(overrides))
     args = [str(Path(sys.executable).parent / "lesiongen"), "train", "--records", str(records), "--captions", str(captions),
             "--base", "compact", "--out", str(run), "--resolution", str(size), "--max-steps", str(steps),
-            "--caption-dropout", str(dropout), "--noise-offset", str(offset), "--balance-by", "dx", "--balance-power", str(balance), "--num-threads", "1", "--no-progress", "--model-config", str(mc),
+            "--caption-dropout", str(dropout), "--noise-offset", str(offset), *(["--balance-by", *balance_by] if balance_by else []), "--balance-power", str(power), "--num-threads", "1", "--no-progress", "--model-config", str(mc),
             "--checkpointing-steps", str(max(steps // 2, 1)), "--validation-steps", str(10 * steps)]
     t0 = time.perf_counter()
     with open(work / f"{name}.log", "w") as log: subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)

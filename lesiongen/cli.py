@@ -768,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--noise-offset", type=float, help="offset noise: std of a per-image, per-channel constant added to the training noise (e.g. 0.1)")
     t.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5.0)")
     t.add_argument("--balance-by", nargs="+", metavar="COLUMN",
-                   help="rebalance the data order over these record columns' groups, e.g. dx (compact recipe: dx; --balance-power 0 keeps the natural order)")
+                   help="rebalance the data order over these record columns' groups, e.g. dx (compact recipe: dx fitzpatrick; --balance-power 0 keeps the natural order)")
     t.add_argument("--balance-power", type=float, help="alpha: draw an image with weight (group count)^-alpha; 0 natural, 1 equal groups")
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     t.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights")

@@ -160,13 +160,13 @@ class TrainConfig:
     def compact(cls, **kwargs) -> TrainConfig:
         "Return the CPU recipe of the compact pixel-space model (`model_config` is merged over the recipe's)"
         # measured by prompt adherence (bench/bench_frontier.py, bench_recipe.py): the pooled caption in the time
-        # embedding, offset noise and diagnosis-balanced batches; 1,152 steps are 15 minutes of one CPU thread
+        # embedding, offset noise and batches balanced over diagnosis × skin type; 1,152 steps are 15 minutes of one CPU thread
         model_config = {"addition_embed_type": "text", **kwargs.pop("model_config", {})}
         return cls(**{**dict(base="compact", resolution=32, train_batch_size=32, gradient_accumulation_steps=1,
                              max_train_steps=1152, learning_rate=5e-4, lr_scheduler="cosine", lr_warmup_steps=100,
                              mixed_precision="no", gradient_checkpointing=False, snr_gamma=5.0, use_ema=True,
                              ema_decay=0.999, ema_warmup=True, checkpointing_steps=288, validation_inference_steps=25,
-                             validation_guidance_scale=3.0, noise_offset=0.1, balance_by=("dx",), balance_power=1.0,
+                             validation_guidance_scale=3.0, noise_offset=0.1, balance_by=("dx", "fitzpatrick"), balance_power=1.0,
                              model_config=model_config), **kwargs})
 
     @classmethod

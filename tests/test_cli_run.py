@@ -223,7 +223,7 @@ def test_quick_preset_config(tmp_path):
     plan = pipeline_plan(cfg)
     t = plan["train"]
     assert (cfg.preset, t.base, t.resolution, t.max_train_steps, t.noise_offset, t.model_config, t.balance_by, t.balance_power) == (
-        "quick", "compact", 32, 300, 0.1, {"addition_embed_type": "text"}, ("dx",), 1.0)
+        "quick", "compact", 32, 300, 0.1, {"addition_embed_type": "text"}, ("dx", "fitzpatrick"), 1.0)
     assert (plan["phantom"].format, plan["phantom"].n, sorted(plan["phantom"].dx_probs)) == ("derm7pt", 1000, ["bcc", "mel", "nv"])
     assert (plan["generate"]["balanced"].n, plan["generate"]["targeted"].n, plan["evaluate"].seeds) == (360, 180, (0, 1, 2))
     llm = pipeline_plan(pipeline_config_from_args(_args("--out", tmp_path / "run", "--captions", "llm")))["captions"]

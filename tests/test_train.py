@@ -353,7 +353,7 @@ def test_noise_offset_from_the_cli():
     assert train_config_from_args(build_parser().parse_args(base + ["--noise-offset", "0.05"])).noise_offset == 0.05
     assert train_config_from_args(build_parser().parse_args(base + ["--noise-offset", "0"])).noise_offset == 0.0
     default = train_config_from_args(build_parser().parse_args(base))  # the compact recipe
-    assert (default.noise_offset, default.balance_by, default.balance_power) == (0.1, ("dx",), 1.0)
+    assert (default.noise_offset, default.balance_by, default.balance_power) == (0.1, ("dx", "fitzpatrick"), 1.0)
     natural = train_config_from_args(build_parser().parse_args(base + ["--balance-power", "0"]))
     assert natural.balance_power == 0.0
     with pytest.raises(LesionGenError, match=r"noise_offset must be a number in \[0, 1\)"):
