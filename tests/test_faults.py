@@ -72,7 +72,10 @@ class Watch:
     def __init__(self, cmd, cwd: Path, progress):
         cwd.mkdir(parents=True, exist_ok=True)
         self.progress, self.t0 = progress, time.monotonic()
-        self.p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        # SIGINT back to its default in the child: under a background job (`cmd &`, nohup) it is inherited as ignored,
+        # and Python then never installs the handler that turns Ctrl-C into KeyboardInterrupt
+        self.p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.times: dict[int, float] = {}  # progress count -> seconds after the start when it was first seen
 
     def until(self, target: int, sig: int) -> subprocess.CompletedProcess:
@@ -111,9 +114,8 @@ def test_train_survives_kill9_and_ctrl_c(data, tmp_path, monkeypatch, one_thread
     w = Watch(cmd, got, lambda: count_lines(got / "run" / "loss.csv") + 100 * (got / "run" / "checkpoint-6").is_dir())
     assert w.until(100, signal.SIGKILL).returncode == -signal.SIGKILL
 
-    # Ctrl-C in the middle of the resumed training (after its first new step: the 9 steps left keep it mid-run even
-    # on a loaded machine): it stops cleanly, in one line saying how to resume
-    p = Watch(cmd + ["--resume", "latest"], got, lambda: count_lines(got / "run" / "loss.csv")).until(8, signal.SIGINT)
+    # Ctrl-C in the middle of the resumed training: it stops cleanly, in one line saying how to resume
+    p = Watch(cmd + ["--resume", "latest"], got, lambda: count_lines(got / "run" / "loss.csv")).until(10, signal.SIGINT)
     assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == "lesiongen train: interrupted; re-run the same command to resume from the last checkpoint"
     assert leftover_temps(got) == [] and not (got / "run" / "model_index.json").exists()
