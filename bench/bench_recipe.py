@@ -72,6 +72,20 @@ def train_generator(work: Path, records: Path, captions: Path, preset: dict, thr
     return run, (time.perf_counter() - t0) / 60
 
 
+def concept_switches(judges, pipe, records: Path, n: int, sampler: tuple, batch: int) -> pd.DataFrame:
+    "Render each of `n` training lesions with each 64 px concept absent and present (its commonest value), one seed per lesion"
+    train = pd.read_csv(records).query("split == 'train'")
+    sched, steps, g, interval = sampler
+    rows = []
+    for c in CONCEPTS64:
+        if c not in judges.attributes: continue
+        on = train.loc[train[c] != "absent", c].value_counts().index[0]
+        cf = counterfactual_plan(records, n, attribute=c, values=["absent", on], seed=2)
+        rows.append(counterfactual_control(judges, render(pipe, cf, sched, steps, g, batch, guidance_interval=interval)[0],
+                                           cf, attributes=[c, "dx"], ita=False).iloc[0].rename(c))
+    return pd.DataFrame(rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -80,6 +94,7 @@ def main(argv=None):
     p.add_argument("--cases", type=int, default=3000, help="phantom cases when the data are built here")
     p.add_argument("--n", type=int, default=420, help="images of the balanced plan")
     p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
+    p.add_argument("--concept-cf", type=int, default=40, help="64 px: lesions of each concept's off/on counterfactual (x2 images)")
     p.add_argument("--threads", type=int, default=2); p.add_argument("--batch", type=int, default=64)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -99,6 +114,7 @@ def main(argv=None):
     imgs, ips = render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval)
     rep = adherence(judges, imgs, plan, ref)
     cc = counterfactual_control(judges, render(pipe, cf, sched, steps, g, a.batch, guidance_interval=interval)[0], cf).iloc[0]
+    concept_cf = concept_switches(judges, pipe, records, a.concept_cf, preset["sampler"], a.batch) if a.preset == "64" else None
     _, ips25 = render(pipe, plan.iloc[:128], "dpmpp", 25, 3.0, a.batch)
     t, rt = rep.table.set_index("attribute"), ref.table.set_index("attribute")
     rows = [("generator training, min", minutes, f"<= {preset['train_minutes']}",
@@ -118,6 +134,8 @@ def main(argv=None):
                 v = t.loc[k, "balanced_agreement"]
                 rows.append((f"{c} presence, balanced agreement (real: {rt.loc[k, 'balanced_agreement']:.2f})", v, ">= 0.7", v >= 0.7))
             else: rows.append((f"{c} presence: no judge (not annotated in the training split)", None, ">= 0.7", None))
+        for c, r in concept_cf.iterrows():  # no target: switching a concept on and off on request, lesion by lesion
+            rows.append((f"{c} switched off/on with one seed, share of lesions", r["lesions_switched"], "", None))
     table = pd.DataFrame(rows, columns=["measure", "value", "target", "met"])
     print(f"\npreset {a.preset}: run {run}, judges {jdir}, {len(plan)} balanced + {len(cf)} counterfactual images")
     print(table.round(3).to_string(index=False))
@@ -126,6 +144,10 @@ def main(argv=None):
           if "real_balanced_agreement" in rep.table else rep.table.round(3).to_string(index=False))
     table.to_csv(work / f"bench_recipe_{a.preset}.csv", index=False)
     rep.save(work / f"adherence_{a.preset}")
+    if concept_cf is not None:
+        print("\nconcept counterfactuals (each lesion with the concept absent and present, one seed):")
+        print(concept_cf[["groups", "follows_presence", "lesions_switched", "stays"]].round(3).to_string())
+        concept_cf.to_csv(work / f"concept_switches_{a.preset}.csv")
     print(RESEARCH_ONLY)
 
 

@@ -246,6 +246,9 @@ def prompt_blind(report: AdherenceReport,  # an adherence report
 def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
+def _presence(v) -> str:
+    return "absent" if _label(v) == "absent" else "present"
+
 def counterfactual_control(judges,                  # `classify.Judges`
                            images,                  # generated images, one per plan row
                            plan: pd.DataFrame,      # the counterfactual plan: `lesion_id`, `cf_attribute`, the attributes
@@ -262,12 +265,17 @@ def counterfactual_control(judges,                  # `classify.Judges`
     itas = image_itas(images) if ita and (plan["cf_attribute"] == "fitzpatrick").any() else None
     rows = []
     for cf, sub in plan.groupby("cf_attribute", sort=False):
-        follow, stay, order_pairs, order_groups = [], {}, [], []
+        follow, presence, switched, stay, order_pairs, order_groups = [], [], [], {}, [], []
         key = cf if cf in judged.columns else None
+        pkey = cf + PRESENCE if cf + PRESENCE in judged.columns else None
         for _, g in sub.groupby("lesion_id", sort=False):
             idx = list(g.index)
             if key is not None:
                 follow += [_label(plan.at[i, cf]) == judged.at[i, key] for i in idx]
+            if pkey is not None:
+                ok = [_presence(plan.at[i, cf]) == judged.at[i, pkey] for i in idx]
+                presence += ok
+                switched.append(all(ok))
             for a in judged.columns:
                 if a == cf or a == cf + PRESENCE or (a in DERM7PT_CONCEPTS and a + PRESENCE in judged.columns): continue
                 stay.setdefault(a, []).extend(judged.at[idx[i], a] == judged.at[idx[j], a] for i, j in _pairs(len(idx)))
@@ -277,6 +285,8 @@ def counterfactual_control(judges,                  # `classify.Judges`
                 order_groups.append(all(itas[o[k]] > itas[o[k + 1]] for k in range(len(o) - 1)))
         row = dict(cf_attribute=cf, groups=sub["lesion_id"].nunique(), images=len(sub),
                    follows=float(np.mean(follow)) if follow else np.nan,
+                   follows_presence=float(np.mean(presence)) if presence else np.nan,
+                   lesions_switched=float(np.mean(switched)) if switched else np.nan,
                    stays=float(np.mean([np.mean(v) for v in stay.values() if v])) if stay else np.nan,
                    ita_order_pairs=float(np.mean(order_pairs)) if order_pairs else np.nan,
                    ita_order_lesions=float(np.mean(order_groups)) if order_groups else np.nan)

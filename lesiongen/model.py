@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA_TARGETS', 'LORA_WEIGHT_NAME', 'SD14_UNET_CONFIG',
-           'PREDICTION_TYPES', 'BETA_SCHEDULES', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze', 'count_params',
-           'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion', 'noise_scheduler',
-           'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig', 'compact_unet',
-           'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path', 'load_text_encoder', 'encode_text',
-           'guided_steps', 'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
+           'PREDICTION_TYPES', 'BETA_SCHEDULES', 'TEXT_UNITS', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze',
+           'count_params', 'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion',
+           'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig',
+           'compact_unet', 'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path', 'load_text_encoder',
+           'split_clauses', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps', 'LesionGenPipelineOutput',
+           'LesionGenPipeline', 'compact_pipeline']
 
 # %% ../nbs/04_model.ipynb #a1567663
 def default_dtype(device: str|torch.device|None = None,  # target device; None: the CPU
@@ -257,6 +258,7 @@ def load_lora(pipe: DiffusionPipeline,  # a `StableDiffusionPipeline` or `Lesion
 # %% ../nbs/04_model.ipynb #6fbb693c
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TEXT_UNITS = ("token", "clause", "token+clause")
 ADDITION_EMBED_TYPES = (None, "text")
 
 @dataclass
@@ -275,6 +277,9 @@ class CompactConfig:
     text_encoder: str = "minilm"  # `minilm`, a local transformers folder or a Hub id of a BERT-like encoder
     max_text_tokens: int = 77  # tokens per caption incl. [CLS]/[SEP]; captions are padded or truncated to this, 2–512
     use_attention_mask: bool = True  # cross-attention ignores padding tokens
+    text_units: str = "token"  # the text sequence: `token` (the encoder's token states), `clause` (one sentence
+    # embedding per comma-separated clause) or `token+clause` (both, concatenated), see `encode_text`
+    max_text_clauses: int = 24  # clauses per caption when `text_units` has clauses; more are truncated, 1–256
     addition_embed_type: str|None = None  # None: text enters through cross-attention only; `text`: an attention-pooled
     # caption embedding is also added to the time embedding, so the caption reaches every level (diffusers' name)
     addition_embed_type_num_heads: int = 8  # heads of that attention pooling; divides `cross_attention_dim`
@@ -310,6 +315,10 @@ class CompactConfig:
         if self.beta_schedule not in BETA_SCHEDULES:
             raise LesionGenError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.num_train_timesteps < 2: raise LesionGenError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.text_units not in TEXT_UNITS:
+            raise LesionGenError(f"text_units must be one of {TEXT_UNITS}, got {self.text_units!r}")
+        if not 1 <= self.max_text_clauses <= 256:
+            raise LesionGenError(f"max_text_clauses must be in 1–256, got {self.max_text_clauses}")
         if self.addition_embed_type not in ADDITION_EMBED_TYPES:
             raise LesionGenError(f"addition_embed_type must be one of {ADDITION_EMBED_TYPES}, got {self.addition_embed_type!r}")
         h = self.addition_embed_type_num_heads
@@ -393,19 +402,66 @@ def load_text_encoder(name_or_path: str|os.PathLike = "minilm",  # `minilm`, a l
     if device is not None: encoder.to(device)
     return tokenizer, encoder
 
+_CLAUSE_BREAK = re.compile(r"[,;\n]|\.(?=\s|$)")  # commas, semicolons, line breaks, full stops ending a sentence
+
+def split_clauses(text: str,  # a caption
+                 ) -> list[str]:  # its non-empty clauses, stripped, in order
+    "Split a caption at commas, semicolons, line breaks and sentence-ending full stops (not at `1.5 mm`)"
+    return [c.strip() for c in _CLAUSE_BREAK.split(text) if c.strip()]
+
+@torch.no_grad()
+def encode_clauses(texts: Sequence[str],  # captions
+                   tokenizer, encoder: torch.nn.Module,  # the frozen sentence encoder and its tokenizer
+                   max_length: int = 32,  # clauses per caption; shorter captions are padded, longer ones truncated
+                   device: torch.device|None = None,  # where to run; None: the encoder's device
+                   batch_size: int = 64,  # clauses per forward pass
+                   max_clause_tokens: int = 128,  # tokens per clause incl. special tokens
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B, max_length, D] float32, mask [B, max_length] int64)
+    "Encode each caption as the sequence of its clauses' sentence embeddings (mean of token states over the clause)"
+    device = device if device is not None else next(encoder.parameters()).device
+    parts = [split_clauses(t) or [""] for t in texts]  # the empty prompt is one empty clause ([CLS] [SEP])
+    n_cut = sum(len(p) > max_length for p in parts)
+    if n_cut: logger.warning(f"{n_cut} of {len(texts)} captions have more than {max_length} clauses and were truncated")
+    parts = [p[:max_length] for p in parts]
+    uniq = list(dict.fromkeys(c for p in parts for c in p))  # each distinct clause is encoded once
+    vecs = []
+    for i in range(0, len(uniq), batch_size):
+        tok = tokenizer(uniq[i:i + batch_size], padding=True, max_length=max_clause_tokens, truncation=True, return_tensors="pt")
+        m = tok.attention_mask.to(device)
+        h = encoder(input_ids=tok.input_ids.to(device), attention_mask=m).last_hidden_state.float()
+        vecs.append((h * m[..., None]).sum(1) / m.sum(1, keepdim=True))  # sentence-transformers' mean pooling
+    vecs, row = torch.cat(vecs), {c: i for i, c in enumerate(uniq)}
+    emb = vecs.new_zeros(len(texts), max_length, vecs.shape[-1])
+    mask = torch.zeros(len(texts), max_length, dtype=torch.long, device=device)
+    for b, p in enumerate(parts):
+        emb[b, :len(p)], mask[b, :len(p)] = vecs[[row[c] for c in p]], 1
+    return emb, mask
+
+def text_length(units: str, max_tokens: int, max_clauses: int) -> int:
+    "Positions of the text sequence `encode_text` returns for `units`"
+    return {"token": max_tokens, "clause": max_clauses, "token+clause": max_tokens + max_clauses}[units]
+
 @torch.no_grad()
 def encode_text(texts: str|Sequence[str],  # captions
                 tokenizer,  # tokenizer of `encoder`
                 encoder: torch.nn.Module,  # a frozen transformers text encoder
                 max_length: int = 77,  # tokens per caption incl. special tokens; shorter ones are padded
                 device: str|torch.device|None = None,  # where to run; None: the encoder's device
-                batch_size: int = 64,  # captions per forward pass, >= 1
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B, max_length, D] float32, attention mask [B, max_length] int64)
-    "Encode `texts` into padded token embeddings and their attention mask"
+                batch_size: int = 64,  # captions (clauses) per forward pass, >= 1
+                units: str = "token",  # `token`: one position per token; `clause`: one per clause (`encode_clauses`); `token+clause`: both
+                max_clauses: int = 24,  # clauses per caption when `units` has clauses
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B, L, D] float32, attention mask [B, L] int64), L = `text_length`
+    "Encode `texts` into padded token (or clause) embeddings and their attention mask"
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts: raise LesionGenError("texts is empty")
     if batch_size < 1: raise LesionGenError(f"batch_size must be >= 1, got {batch_size}")
+    if units not in TEXT_UNITS: raise LesionGenError(f"units must be one of {TEXT_UNITS}, got {units!r}")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    if units == "clause": return encode_clauses(texts, tokenizer, encoder, max_clauses, device, batch_size)
+    if units == "token+clause":
+        (te, tm), (ce, cm) = (encode_text(texts, tokenizer, encoder, max_length, device, batch_size),
+                              encode_clauses(texts, tokenizer, encoder, max_clauses, device, batch_size))
+        return torch.cat([te, ce], 1), torch.cat([tm, cm], 1)
     tok = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = (tok.attention_mask.sum(1) == max_length).nonzero().flatten().tolist()
     if full:
@@ -445,11 +501,14 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  text_encoder,  # frozen transformers encoder whose hidden size is `unet.config.cross_attention_dim`
                  max_text_tokens: int = 77,  # caption length in tokens (as in training)
                  use_attention_mask: bool = True,  # pass the text padding mask to cross-attention (as in training)
+                 text_units: str = "token",  # `token`, `clause` or `token+clause` text sequence (as in training)
+                 max_text_clauses: int = 24,  # clauses per caption when `text_units` has clauses (as in training)
                 ):
         super().__init__()
         freeze(text_encoder)
         self.register_modules(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
-        self.register_to_config(max_text_tokens=max_text_tokens, use_attention_mask=use_attention_mask)
+        self.register_to_config(max_text_tokens=max_text_tokens, use_attention_mask=use_attention_mask, text_units=text_units,
+                                max_text_clauses=max_text_clauses)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
     @classmethod
@@ -467,6 +526,16 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                  f"(safetensors weights are required): {_first_line(e)}") from e
 
     @property
+    def text_units(self) -> str:
+        "What the text sequence holds: `token`, `clause` or `token+clause` (pipelines saved before clauses: `token`)"
+        return getattr(self.config, "text_units", "token")
+
+    @property
+    def text_length(self) -> int:
+        "Positions of the text sequence the UNet reads"
+        return text_length(self.text_units, self.config.max_text_tokens, getattr(self.config, "max_text_clauses", 24))
+
+    @property
     def size_multiple(self) -> int:
         "Image sides must be multiples of this (2**(levels - 1))"
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -477,7 +546,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                      ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B*n, T, D] in the UNet dtype, mask [B*n, T])
         "Encode `prompt` with the frozen text encoder"
         emb, mask = encode_text(prompt, self.tokenizer, self.text_encoder, max_length=self.config.max_text_tokens,
-                                device=device)
+                                device=device, units=self.text_units, max_clauses=getattr(self.config, "max_text_clauses", 24))
         emb = emb.to(dtype=self.unet.dtype)
         return emb.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
 
@@ -497,9 +566,9 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 raise LesionGenError(f"prompt_embeds must have shape (B, T, {d}), got {tuple(prompt_embeds.shape)}")
             if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise LesionGenError(f"negative_prompt_embeds shape {tuple(negative_prompt_embeds.shape)} != prompt_embeds shape {tuple(prompt_embeds.shape)}")
-            if negative_prompt_embeds is None and guidance_scale > 1 and prompt_embeds.shape[1] != self.config.max_text_tokens:
-                raise LesionGenError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens but guidance encodes the negative "
-                                     f"prompt with max_text_tokens={self.config.max_text_tokens}: pass negative_prompt_embeds")
+            if negative_prompt_embeds is None and guidance_scale > 1 and prompt_embeds.shape[1] != self.text_length:
+                raise LesionGenError(f"prompt_embeds has {prompt_embeds.shape[1]} positions but guidance encodes the negative "
+                                     f"prompt into {self.text_length} ({self.text_units}): pass negative_prompt_embeds")
         m = self.size_multiple
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % m: raise LesionGenError(f"{name}={v} must be a positive multiple of {m}")
@@ -616,4 +685,5 @@ def compact_pipeline(cfg: CompactConfig,  # the compact model's settings
         raise LesionGenError(f"resolution={cfg.resolution} but the UNet was built for {unet.config.sample_size} px")
     scheduler = scheduler or sampling_scheduler(compact_noise_scheduler(cfg), thresholding=cfg.thresholding)
     return LesionGenPipeline(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=encoder,
-                             max_text_tokens=cfg.max_text_tokens, use_attention_mask=cfg.use_attention_mask)
+                             max_text_tokens=cfg.max_text_tokens, use_attention_mask=cfg.use_attention_mask,
+                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses)

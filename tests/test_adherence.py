@@ -61,6 +61,18 @@ def test_counterfactual_control_follows_and_stays():
     assert row["stays[streaks:presence]"] == pytest.approx(0.5) and row["groups"] == 2
 
 
+def test_concept_counterfactual_counts_switched_lesions():
+    plan = pd.DataFrame({"lesion_id": ["a", "a", "b", "b", "c", "c"], "cf_attribute": "streaks", "dx": ["nv"] * 6,
+                         "streaks": ["absent", "regular"] * 3})
+    # a: off then on (switched); b: on in both images (not switched); c: off then on (switched)
+    images = [img(0, 0, 0), img(0, 0, 200), img(0, 0, 200), img(0, 0, 200), img(0, 0, 0), img(0, 0, 200)]
+    row = counterfactual_control(StubJudges(), images, plan, ita=False).iloc[0]
+    assert row["lesions_switched"] == pytest.approx(2 / 3)
+    assert row["follows_presence"] == pytest.approx(5 / 6)
+    assert row["follows"] == pytest.approx(3 / 6)  # exact value: the stub judges blue as `irregular`, never `regular`
+    assert row["stays[dx]"] == pytest.approx(1.0)
+
+
 def test_bad_input_is_named():
     with pytest.raises(LesionGenError, match="2 images but 1 prompted"):
         adherence(StubJudges(), [img(0, 0, 0)] * 2, pd.DataFrame({"dx": ["nv"]}))
