@@ -4,7 +4,8 @@ fidelity, memorization and adherence; prints each claim next to its target and t
 
 Stages (each reused when its output exists, so `--work DIR` resumes):
   data       phantom Derm7pt, 3,000 cases at 64 px -> curate -> captions          (bench_recipe.build_data)
-  generator  the 64 px compact recipe (bench/recipes/compact64.json, offset noise, 1,800 steps: <= 30 min)
+  generator  the 64 px compact recipe (bench/recipes/compact64.json, offset noise, 1,800 steps: <= 30 min; the
+             results in 10_evaluate were made when that file read captions as tokens)
   synthetic  `lesiongen generate` balanced (--n-balanced, equal per diagnosis x Fitzpatrick type) and targeted
              (--n-targeted, every diagnosis on Fitzpatrick V and VI: the worst groups of the real-only classifier)
   judges     attribute judges on the real training split (domain features for fidelity, and adherence)

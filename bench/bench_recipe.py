@@ -7,10 +7,12 @@ Presets (2 CPU cores, phantom data):
       generator trained <= 15 min; relative diagnosis adherence >= 0.9; Fitzpatrick judged within +-1 of the prompt
       >= 0.9; skin-type counterfactual ITA order >= 0.95; >= 20 img/s with guidance.
   64  the 64 px pixel-space recipe (`bench/recipes/compact64.json`: four levels 16-32-64-64, the pooled caption in
-      the time embedding; otherwise `TrainConfig.compact()`: offset noise 0.1; batches balanced over the diagnosis
-      only, as measured; 2,700 steps, what 30 minutes of two threads buy). Targets: trained <= 30 min; balanced agreement >= 0.7 for the presence of pigment
-      network, streaks, dots and globules, blue-whitish veil and vascular structures (the judges' real-image agreement
-      printed beside it); >= 5 img/s with guidance.
+      the time embedding, the caption read as a sequence of clause sentence embeddings (`text_units="clause"`);
+      otherwise `TrainConfig.compact()`: offset noise 0.1; batches balanced over the diagnosis only, as measured;
+      2,700 steps, under 30 minutes of two threads). Targets: trained <= 30 min; balanced agreement >= 0.7 for the
+      presence of pigment network, streaks, dots and globules, blue-whitish veil and vascular structures (the judges'
+      real-image agreement printed beside it); >= 5 img/s with guidance. Also printed, without a target: the share of
+      lesions whose concept switches off and on with one seed (`--concept-cf` lesions per concept).
 
 Every stage is skipped when its output exists (`--work DIR` is resumable); pass `--records/--captions`, `--run` or
 `--judges` to reuse data, a trained generator or trained judges (training time is then not measured).

@@ -412,7 +412,7 @@ def split_clauses(text: str,  # a caption
 @torch.no_grad()
 def encode_clauses(texts: Sequence[str],  # captions
                    tokenizer, encoder: torch.nn.Module,  # the frozen sentence encoder and its tokenizer
-                   max_length: int = 32,  # clauses per caption; shorter captions are padded, longer ones truncated
+                   max_length: int = 24,  # clauses per caption; shorter captions are padded, longer ones truncated
                    device: torch.device|None = None,  # where to run; None: the encoder's device
                    batch_size: int = 64,  # clauses per forward pass
                    max_clause_tokens: int = 128,  # tokens per clause incl. special tokens

@@ -69,7 +69,7 @@ def test_concept_counterfactual_counts_switched_lesions():
     row = counterfactual_control(StubJudges(), images, plan, ita=False).iloc[0]
     assert row["lesions_switched"] == pytest.approx(2 / 3)
     assert row["follows_presence"] == pytest.approx(5 / 6)
-    assert row["follows"] == pytest.approx(3 / 6)  # exact value: the stub judges blue as `irregular`, never `regular`
+    assert row["follows"] == pytest.approx(2 / 6)  # exact value: only the two `absent` images judged black; blue is `irregular`, never `regular`
     assert row["stays[dx]"] == pytest.approx(1.0)
 
 

@@ -54,6 +54,23 @@ def test_compact_run_writes_everything(inputs, tmp_path):
         json.loads(f.read_text()) if f.suffix == ".json" else load_file(f)
 
 
+def test_clause_conditioned_run_generates_with_the_training_encoding(inputs, tmp_path):
+    from dataclasses import asdict
+    from lesiongen.generate import load_pipeline
+    from lesiongen.model import CompactConfig, split_clauses
+    from lesiongen.train import encode_prompts
+    tiny = {k: v for k, v in asdict(CompactConfig.tiny()).items() if k not in ("resolution", "prediction_type")}
+    out = train(TrainConfig.tiny(**inputs, out=str(tmp_path / "run"), max_train_steps=1, validation_prompts=(),
+                                 model_config={**tiny, "text_units": "token+clause", "max_text_clauses": 16}))
+    pipe = load_pipeline(out)
+    assert (pipe.text_units, pipe.text_length) == ("token+clause", 77 + 16)
+    caption = json.loads(Path(inputs["captions"]).read_text().splitlines()[0])["text"]
+    seen = encode_prompts([caption], pipe.tokenizer, pipe.text_encoder, compact=True, units="token+clause", max_clauses=16)
+    emb, mask = pipe.encode_prompt([caption], torch.device("cpu"))
+    assert torch.equal(mask, seen["mask"][seen["index"]]) and torch.allclose(emb, seen["hidden"][seen["index"]], atol=1e-5)
+    assert int(mask[0, 77:].sum()) == len(split_clauses(caption)) > 1  # the caption's clauses follow its tokens
+
+
 def test_resume_is_bit_identical(inputs, tmp_path):
     kw = dict(**inputs, max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, validation_prompts=())
     train(TrainConfig.tiny(**kw, out=str(tmp_path / "a")))
