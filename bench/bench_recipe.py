@@ -6,10 +6,10 @@ Presets (2 CPU cores, phantom data):
       offset noise 0.1 and batches balanced over diagnosis x skin type, 1,152 steps (15 minutes of one thread). Targets:
       generator trained <= 15 min; relative diagnosis adherence >= 0.9; Fitzpatrick judged within +-1 of the prompt
       >= 0.9; skin-type counterfactual ITA order >= 0.95; >= 20 img/s with guidance.
-  64  the 64 px pixel-space recipe (`bench/recipes/compact64.json`: four levels 16-32-64-64, the pooled caption in
-      the time embedding, the caption read as a sequence of clause sentence embeddings (`text_units="clause"`);
-      otherwise `TrainConfig.compact()`: offset noise 0.1; batches balanced over the diagnosis only, as measured;
-      2,700 steps, under 30 minutes of two threads). Targets: trained <= 30 min; balanced agreement >= 0.7 for the
+  64  the 64 px pixel-space recipe (`bench/recipes/compact64.json`: four levels 16-32-64-64, text attention at 16x16
+      and 8x8, the pooled caption in the time embedding, the caption read as a sequence of clause sentence embeddings
+      (`text_units="clause"`); otherwise `TrainConfig.compact()`: offset noise 0.1; batches balanced over the
+      diagnosis only, as measured; 2,100 steps, 27 minutes of two threads). Targets: trained <= 30 min; balanced agreement >= 0.7 for the
       presence of pigment network, streaks, dots and globules, blue-whitish veil and vascular structures (the judges'
       real-image agreement printed beside it); >= 5 img/s with guidance. Also printed, without a target: the share of
       lesions whose concept switches off and on with one seed (`--concept-cf` lesions per concept).
@@ -41,7 +41,7 @@ PRESETS = {
     "32": dict(resolution=32, model_config=None, train_args=[],  # `TrainConfig.compact()` as it is
                judge_resolution=32, train_minutes=15, img_s=20,
                sampler=("dpmpp_sde", 10, 4.0, (0.2, 0.8))),
-    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--max-steps", "2700", "--checkpointing-steps", "500", "--balance-by", "dx"],
+    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--max-steps", "2100", "--checkpointing-steps", "500", "--balance-by", "dx"],
                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 10, 4.0, (0.2, 0.8))),
 }
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
