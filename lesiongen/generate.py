@@ -868,14 +868,14 @@ class _DropTruncationWarnings(logging.Filter):
 def _note_truncation(pipe, texts) -> None:
     "Log once how many distinct captions the pipeline's text encoder truncates (as it did in training)"
     uniq = list(dict.fromkeys(texts))
-    units = getattr(pipe.config, "text_units", "token")
+    units = getattr(pipe, "text_units", "token")  # Stable Diffusion pipelines read tokens
     if "token" in units:
         limit = getattr(pipe.config, "max_text_tokens", None) or pipe.tokenizer.model_max_length
         n = sum(len(ids) > limit for ids in pipe.tokenizer(uniq, truncation=False, verbose=False)["input_ids"])
         if n: logger.info(f"{n} of {len(uniq)} distinct captions exceed the text encoder's {limit} tokens and are truncated, as in training")
     if "clause" in units:
         from .model import split_clauses
-        limit = getattr(pipe.config, "max_text_clauses", 24)
+        limit = pipe.max_text_clauses
         n = sum(len(split_clauses(t)) > limit for t in uniq)
         if n: logger.info(f"{n} of {len(uniq)} distinct captions have more than {limit} clauses and are truncated, as in training")
 

@@ -269,6 +269,8 @@ class CompactConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per resolution level, highest resolution first
     attention_levels: tuple[bool, ...] = (False, False, True)  # cross-attention at each level (same length as `block_out_channels`);
     # the lowest level only: attention at 16x16 and above costs far more time than its FLOPs suggest (bench/bench_train.py)
+    only_cross_attention: bool = False  # diffusers' name: the attention blocks attend to the text only (their
+    # self-attention becomes a second text attention), which makes text attention at 32×32 affordable on a CPU
     layers_per_block: int = 1  # ResNet blocks per level on the way down (the up path has one more), >= 1
     attention_head_dim: int = 4  # diffusers' legacy name: the NUMBER of attention heads; divides the attention levels' channels
     norm_num_groups: int = 8  # GroupNorm groups; divides every entry of `block_out_channels`
@@ -305,6 +307,8 @@ class CompactConfig:
         if self.attention_head_dim <= 0 or any(c % self.attention_head_dim for c in att):
             raise LesionGenError(f"attention_head_dim={self.attention_head_dim} (number of heads) must divide the "
                                  f"channels of the attention levels {sorted(set(att))}")
+        if not isinstance(self.only_cross_attention, bool):
+            raise LesionGenError(f"only_cross_attention must be true or false, got {self.only_cross_attention!r}")
         if self.layers_per_block < 1: raise LesionGenError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
         if not 0 <= self.dropout < 1: raise LesionGenError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.cross_attention_dim <= 0: raise LesionGenError(f"cross_attention_dim must be positive, got {self.cross_attention_dim}")
@@ -351,7 +355,8 @@ def compact_unet(cfg: CompactConfig,  # the compact model's settings
         down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
-        addition_embed_type=cfg.addition_embed_type, addition_embed_type_num_heads=cfg.addition_embed_type_num_heads)
+        addition_embed_type=cfg.addition_embed_type, addition_embed_type_num_heads=cfg.addition_embed_type_num_heads,
+        only_cross_attention=cfg.only_cross_attention)
 
 def compact_noise_scheduler(cfg: CompactConfig,  # the compact model's settings
                            ) -> DDPMScheduler:  # the training scheduler (adds noise; also a 1000-step ancestral sampler)
@@ -531,9 +536,14 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return getattr(self.config, "text_units", "token")
 
     @property
+    def max_text_clauses(self) -> int:
+        "Clauses per caption when the text sequence has clauses (pipelines saved before clauses: 24, unused)"
+        return getattr(self.config, "max_text_clauses", 24)
+
+    @property
     def text_length(self) -> int:
         "Positions of the text sequence the UNet reads"
-        return text_length(self.text_units, self.config.max_text_tokens, getattr(self.config, "max_text_clauses", 24))
+        return text_length(self.text_units, self.config.max_text_tokens, self.max_text_clauses)
 
     @property
     def size_multiple(self) -> int:
@@ -546,7 +556,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                      ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B*n, T, D] in the UNet dtype, mask [B*n, T])
         "Encode `prompt` with the frozen text encoder"
         emb, mask = encode_text(prompt, self.tokenizer, self.text_encoder, max_length=self.config.max_text_tokens,
-                                device=device, units=self.text_units, max_clauses=getattr(self.config, "max_text_clauses", 24))
+                                device=device, units=self.text_units, max_clauses=self.max_text_clauses)
         emb = emb.to(dtype=self.unet.dtype)
         return emb.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
 

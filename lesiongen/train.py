@@ -35,9 +35,9 @@ __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'D
            'optimizer_state_dict', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
            'resolve_mixed_precision', 'compact_config', 'trainable_names', 'downsampling_factor', 'load_components',
            'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range', 'encode_latents', 'encode_prompts',
-           'epoch_permutation', 'sampling_weights', 'batch_indices', 'make_batch', 'compute_loss', 'training_step',
-           'image_grid', 'validation_pipeline', 'log_validation', 'read_loss', 'append_loss', 'plot_loss',
-           'final_marker', 'save_outputs', 'base_licences', 'model_card', 'train']
+           'epoch_permutation', 'group_keys', 'sampling_weights', 'batch_indices', 'make_batch', 'compute_loss',
+           'training_step', 'image_grid', 'validation_pipeline', 'log_validation', 'read_loss', 'append_loss',
+           'plot_loss', 'final_marker', 'save_outputs', 'base_licences', 'model_card', 'train']
 
 # %% ../nbs/05_train.ipynb #7e27598f
 logger = get_logger(__name__, log_level="INFO")
@@ -694,13 +694,19 @@ def epoch_permutation(n: int, seed: int, epoch: int,
     if weights is None: return torch.randperm(n, generator=g)
     return torch.multinomial(weights.double(), n, replacement=True, generator=g)
 
+def group_keys(records,              # training records
+               columns: Sequence[str],  # record columns that define the groups
+              ) -> pd.Series:  # one `a|b` key per record
+    "Name each record's joint group of `columns`"
+    return records[list(columns)].astype(str).agg("|".join, axis=1)
+
 def sampling_weights(records,               # training records, in training order
                      balance_by: Sequence[str],  # columns whose joint groups are rebalanced; empty: None
                      power: float = 0.5,    # α: weight ∝ (group count)^-α; 0 natural, 0.5 square-root, 1 equal groups
                     ) -> torch.Tensor|None:  # per-image weights summing to 1, or None
     "Per-image sampling weights that give each group of `balance_by` a share ∝ its count^(1-α)"
     if not balance_by or power == 0: return None
-    keys = records[list(balance_by)].astype(str).agg("|".join, axis=1)
+    keys = group_keys(records, balance_by)
     counts = keys.map(keys.value_counts())
     w = torch.tensor(counts.to_numpy(dtype=float) ** -power, dtype=torch.float64)
     return w / w.sum()
@@ -1089,7 +1095,7 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
 
     weights = sampling_weights(checked["records"], cfg.balance_by, cfg.balance_power)
     if weights is not None:
-        shares = pd.Series(weights.numpy(), index=checked["records"][list(cfg.balance_by)].astype(str).agg("|".join, axis=1)).groupby(level=0).sum()
+        shares = pd.Series(weights.numpy(), index=group_keys(checked["records"], cfg.balance_by)).groupby(level=0).sum()
         shares = shares.sort_values(ascending=False)
         logger.info(f"balanced data order by {'×'.join(cfg.balance_by)} (α={cfg.balance_power:g}), {len(shares)} groups: "
                     + ", ".join(f"{k} {v:.0%}" for k, v in shares.head(8).items()) + (", ..." if len(shares) > 8 else ""))
