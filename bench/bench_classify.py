@@ -9,6 +9,7 @@ else runs on the machine; CPU seconds of a one-thread run much less so (the load
     python bench/bench_classify.py                                   # /work/runs/phd7_cur, 64 and 32 px
     python bench/bench_classify.py --records R/records.csv --data-root D --resolutions 64 --out-dir /tmp/judges
     python bench/bench_classify.py --epochs 5 --attributes fitzpatrick dx
+    python bench/bench_classify.py --resolutions 64 --attributes dots_and_globules pigment_network --depths 2 2 2
 """
 from __future__ import annotations
 import argparse, os, tempfile, time
@@ -73,6 +74,11 @@ def main():
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--backbone", default=None, help="`resnet`, `convnext` or a local checkpoint folder")
+    p.add_argument("--embedding-size", type=int, default=None, help="scratch resnet: stem channels")
+    p.add_argument("--hidden-sizes", type=int, nargs="+", default=None, help="scratch backbones: channels per stage")
+    p.add_argument("--depths", type=int, nargs="+", default=None, help="scratch backbones: blocks per stage")
+    p.add_argument("--patch-size", type=int, default=None, help="scratch convnext: stem patch size")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -80,7 +86,9 @@ def main():
     if a.data_root is None and not (records.with_name("curation_report.json")).is_file():
         raise SystemExit(f"no curation_report.json beside {records}: pass --data-root")
     overrides = {k: v for k, v in dict(attributes=a.attributes, epochs=a.epochs, learning_rate=a.learning_rate,
-                                       patience=a.patience).items() if v is not None}
+                                       patience=a.patience, backbone=a.backbone, embedding_size=a.embedding_size,
+                                       hidden_sizes=a.hidden_sizes, depths=a.depths, patch_size=a.patch_size).items()
+                 if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(a.out_dir) if a.out_dir else Path(tmp)
         for r in a.resolutions:
