@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from lesiongen.classify import JudgeConfig, Judges, decode_images, known_labels, train_judges
-from lesiongen.core import DERM7PT_CONCEPTS
+from lesiongen.core import DERM7PT_CONCEPTS, LesionGenError
 from lesiongen.data import read_records
 
 
@@ -89,11 +89,12 @@ def main():
                                        patience=a.patience, backbone=a.backbone, embedding_size=a.embedding_size,
                                        hidden_sizes=a.hidden_sizes, depths=a.depths, patch_size=a.patch_size).items()
                  if v is not None}
+    try:  # every setting is checked before any judge trains
+        cfgs = [JudgeConfig(resolution=r, seed=a.seed, num_threads=a.threads, progress=False, **overrides) for r in a.resolutions]
+    except LesionGenError as e: p.error(str(e))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(a.out_dir) if a.out_dir else Path(tmp)
-        for r in a.resolutions:
-            cfg = JudgeConfig(resolution=r, seed=a.seed, num_threads=a.threads, progress=False, **overrides)
-            run(records, a.data_root, base / f"judges{r}", cfg, a.split)
+        for cfg in cfgs: run(records, a.data_root, base / f"judges{cfg.resolution}", cfg, a.split)
 
 
 if __name__ == "__main__": main()
