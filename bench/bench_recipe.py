@@ -9,22 +9,31 @@ Presets (2 CPU cores, phantom data):
   64  the 64 px pixel-space recipe (`bench/recipes/compact64.json`: four levels 16-32-64-64, text attention at 16x16
       and 8x8, the pooled caption in the time embedding, the caption read as a sequence of clause sentence embeddings
       (`text_units="clause"`); otherwise `TrainConfig.compact()`: offset noise 0.1; batches balanced over the
-      diagnosis only, as measured; 2,100 steps, 27 minutes of two threads). Targets: trained <= 30 min; balanced agreement >= 0.7 for the
+      diagnosis only, as measured; 2,100 steps were 27 minutes of two threads on the machine it was tuned on). Targets: trained <= 30 min; balanced agreement >= 0.7 for the
       presence of pigment network, streaks, dots and globules, blue-whitish veil and vascular structures (the judges'
       real-image agreement printed beside it); >= 5 img/s with guidance. Also printed, without a target: the share of
       lesions whose concept switches off and on with one seed (`--concept-cf` lesions per concept).
 
+Training length: `--steps budget` (default) spends the preset's training minutes on this machine: two short probe
+runs of the recipe (10 and 60 steps) measure the time per step and the fixed cost (loading, caption encoding, final
+validation and save), and the generator trains for the steps that fit 85% of the budget (a long run's steps
+went 13-20% slower than the probes' on the machine measured) (timings vary 20-40% between
+machines: the same 2,100 steps took 27 minutes on one 2-core machine and 39 on another). `--steps N` trains exactly N
+steps (the reference recipes: 1,152 at 32 px, 2,100 at 64 px). Intermediate validation grids are off (the final one
+is rendered), so the budget buys training steps.
+
 Every stage is skipped when its output exists (`--work DIR` is resumable); pass `--records/--captions`, `--run` or
 `--judges` to reuse data, a trained generator or trained judges (training time is then not measured).
 Sampling: the preset's sampler (SDE DPM-Solver++; at 32 px 6 steps with guidance limited to the middle of the noise
-schedule, at 64 px 6 steps guided at every step, as measured with bench_adherence.py), and 25-step DPM-Solver++ at the
+schedule, at 64 px 6 steps guided at every step, as measured with bench_adherence.py; 5 steps were tried and lost
+0.16 of streaks against the reference, `bench/results/gen64_recipe_budget_preset.csv`), and 25-step DPM-Solver++ at the
 same guidance for reference: the balanced plan is rendered and judged with both, and the fast sampler may lose at most
 0.05 on the preset's headline measures (issue 7). img/s are measured in this process, so run it on an otherwise idle
 machine.
 
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40]
 """
-import argparse, json, logging, subprocess, sys, time
+import argparse, json, logging, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -40,12 +49,13 @@ from lesiongen.generate import balanced_plan, counterfactual_plan  # noqa: E402
 
 HERE = Path(__file__).parent
 PRESETS = {
-    "32": dict(resolution=32, model_config=None, train_args=[],  # `TrainConfig.compact()` as it is
+    "32": dict(resolution=32, model_config=None, train_args=[], steps=1152,  # `TrainConfig.compact()` as it is
                judge_resolution=32, train_minutes=15, img_s=20,
                sampler=("dpmpp_sde", 6, 4.0, (0.2, 0.8))),
-    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--max-steps", "2100", "--checkpointing-steps", "500", "--balance-by", "dx"],
+    "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--checkpointing-steps", "500", "--balance-by", "dx"], steps=2100,
                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 6, 4.0, (0.0, 1.0))),
 }
+BUDGET_SHARE = 0.85  # of the training minutes: a long run's steps were 13-20% slower than the probes' (0.91 s vs 1.03-1.10 s at 64 px)
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
 
 
@@ -65,15 +75,46 @@ def build_data(work: Path, n: int) -> tuple[Path, Path]:
     return cur / "records.csv", cur / "captions.jsonl"
 
 
-def train_generator(work: Path, records: Path, captions: Path, preset: dict, threads: int) -> tuple[Path, float|None]:
-    "Train the preset's recipe; returns the run folder and the wall-clock minutes (None if it was already trained)"
+def train_args(records: Path, captions: Path, out: Path, preset: dict, threads: int, steps: int) -> list[str]:
+    "The `lesiongen train` command line of the preset's recipe, `steps` long, validation rendered at the end only"
+    args = ["train", "--records", str(records), "--captions", str(captions), "--base", "compact", "--out", str(out),
+            "--resolution", str(preset["resolution"]), "--num-threads", str(threads), "--no-progress", *preset["train_args"],
+            "--max-steps", str(steps), "--validation-steps", "1000000"]
+    return args + (["--model-config", str(preset["model_config"])] if preset["model_config"] else [])
+
+
+def timed(args: list[str]) -> float:
+    "Run one `lesiongen` command; return its wall-clock seconds"
+    t0 = time.perf_counter(); cli(*args)
+    return time.perf_counter() - t0
+
+
+def budget_steps(work: Path, records: Path, captions: Path, preset: dict, threads: int, probes=(10, 60)) -> dict:
+    "Measure the recipe's seconds per step and fixed cost with two probe runs; the steps that fit 97% of the budget"
+    (a, b), t = probes, {}
+    for k in probes:
+        probe = work / f"probe{k}"
+        shutil.rmtree(probe, ignore_errors=True)
+        t[k] = timed(train_args(records, captions, probe, preset, threads, k))
+        shutil.rmtree(probe)
+    per = max((t[b] - t[a]) / (b - a), 1e-3)
+    return dict(s_per_step=per, fixed_s=max(t[a] - a * per, 0.0), probe_minutes=(t[a] + t[b]) / 60)
+
+
+def steps_in(budget: dict, minutes: float, share: float = BUDGET_SHARE) -> int:
+    "Training steps that fit `share` of `minutes` at the probes' time per step, after their fixed cost"
+    steps = int((share * minutes * 60 - budget["fixed_s"]) // budget["s_per_step"])
+    if steps < 60: raise SystemExit(f"the probes measured {budget['s_per_step']:.2f} s/step and {budget['fixed_s']:.0f} s of "
+                                    f"fixed cost: {minutes} minutes buy only {steps} steps")
+    return steps
+
+
+def train_generator(work: Path, records: Path, captions: Path, preset: dict, threads: int, steps: int,
+                    ) -> tuple[Path, float|None]:
+    "Train the preset's recipe for `steps`; returns the run folder and the wall-clock minutes (None if it was already trained)"
     run = work / f"gen{preset['resolution']}"
     if (run / "model_index.json").is_file(): return run, None
-    args = ["train", "--records", str(records), "--captions", str(captions), "--base", "compact", "--out", str(run),
-            "--resolution", str(preset["resolution"]), "--num-threads", str(threads), "--no-progress", *preset["train_args"]]
-    if preset["model_config"]: args += ["--model-config", str(preset["model_config"])]
-    t0 = time.perf_counter(); cli(*args)
-    return run, (time.perf_counter() - t0) / 60
+    return run, timed(train_args(records, captions, run, preset, threads, steps)) / 60
 
 
 def concept_switches(judges, pipe, records: Path, n: int, sampler: tuple, batch: int) -> pd.DataFrame:
@@ -100,13 +141,27 @@ def main(argv=None):
     p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
     p.add_argument("--concept-cf", type=int, default=40, help="64 px: lesions of each concept's off/on counterfactual (x2 images)")
     p.add_argument("--threads", type=int, default=2); p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", default="budget",
+                   help="training steps: 'budget' (what the preset's minutes buy on this machine, measured) or a number")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
     preset, work = PRESETS[a.preset], Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     records, captions = (Path(a.records), Path(a.captions)) if a.records else build_data(work, a.cases)
-    run, minutes = (Path(a.run), None) if a.run else train_generator(work, records, captions, preset, a.threads)
+    if a.steps != "budget" and not (a.steps.isdigit() and int(a.steps) > 0):
+        p.error(f"--steps must be 'budget' or a positive integer, got {a.steps!r}")
+    budget, train_steps = None, None
+    if not a.run:
+        steps_file = work / f"steps_{a.preset}.json"  # the probes run once per working folder (resumable)
+        if a.steps != "budget": budget, train_steps = {}, int(a.steps)
+        else:
+            if steps_file.is_file(): budget = json.loads(steps_file.read_text())
+            else:
+                budget = budget_steps(work, records, captions, preset, a.threads)
+                steps_file.write_text(json.dumps(budget))
+            train_steps = steps_in(budget, preset["train_minutes"])
+    run, minutes = (Path(a.run), None) if a.run else train_generator(work, records, captions, preset, a.threads, train_steps)
     jdir = Path(a.judges) if a.judges else work / f"judges{preset['judge_resolution']}"
     judges = Judges.load(jdir) if (jdir / "judges.json").is_file() else train_judges(
         records, jdir, JudgeConfig(resolution=preset["judge_resolution"], num_threads=a.threads, progress=False))
@@ -128,9 +183,14 @@ def main(argv=None):
     drops = pd.Series({k: t25.loc[k, col] - t.loc[k, col] for k, col in keys})
     rows = [("generator training, min", minutes, f"<= {preset['train_minutes']}",
              None if minutes is None else minutes <= preset["train_minutes"]),
-            (f"img/s, {sched} {steps} steps, guidance {g} in {interval}", ips, f">= {preset['img_s']}", ips >= preset["img_s"]),
-            (f"img/s, dpmpp 25 steps, guidance {g} (reference)", ips25, "", None),
-            (f"largest adherence drop vs the reference ({drops.idxmax()})", drops.max(), "<= 0.05", drops.max() <= 0.05)]
+            (f"training steps ({'bought by the budget' if budget and 's_per_step' in budget else 'given'}; reference {preset['steps']})",
+             train_steps, "", None)]
+    if budget and "s_per_step" in budget:
+        rows += [("probe: seconds per training step", budget["s_per_step"], "", None),
+                 ("probe: fixed cost of a run, s", budget["fixed_s"], "", None)]
+    rows += [(f"img/s, {sched} {steps} steps, guidance {g} in {interval}", ips, f">= {preset['img_s']}", ips >= preset["img_s"]),
+             (f"img/s, dpmpp 25 steps, guidance {g} (reference)", ips25, "", None),
+             (f"largest adherence drop vs the reference ({drops.idxmax()})", drops.max(), "<= 0.05", drops.max() <= 0.05)]
     if a.preset == "32":
         rows += [("relative diagnosis adherence", t.loc["dx", "relative_balanced"], ">= 0.9", t.loc["dx", "relative_balanced"] >= 0.9),
                  ("Fitzpatrick judged within +-1", t.loc["fitzpatrick", "within_one"], ">= 0.9", t.loc["fitzpatrick", "within_one"] >= 0.9),

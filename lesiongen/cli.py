@@ -15,8 +15,8 @@ from .core import RESEARCH_ONLY, LesionGenError, atomic_write_json, atomic_write
 __all__ = ['logger', 'PRESETS', 'DATASETS', 'STAGES', 'QUICK_DX', 'DARK_SKIN', 'FOLDER_OPTIONS', 'RESUME_HINTS', 'USER_ERRNOS',
            'PipelineConfig', 'run_stage', 'format_summary', 'pipeline_plan', 'stage_summary', 'run_effects',
            'format_effect', 'run_pipeline', 'write_run_report', 'pipeline_config_from_args', 'read_model_config',
-           'train_config_from_args', 'generate_config_from_args', 'experiment_config_from_args', 'build_parser',
-           'resume_hint', 'user_os_error', 'issue_tracker', 'Terminated', 'main']
+           'snr_gamma_arg', 'train_config_from_args', 'generate_config_from_args', 'experiment_config_from_args',
+           'build_parser', 'resume_hint', 'user_os_error', 'issue_tracker', 'Terminated', 'main']
 
 # %% ../nbs/11_cli.ipynb #2342e607
 logger = logging.getLogger(__name__)
@@ -511,6 +511,14 @@ def read_model_config(path: str,  # a JSON file: an object of `model.CompactConf
                              + " / ".join(f"--{k.replace('_', '-')}" for k in own) + ", not in the file")
     return obj
 
+def snr_gamma_arg(v: str) -> float|str:
+    "Parse `--snr-gamma`: a positive number, or `off` for plain MSE (the compact recipe's default is 5.0)"
+    if v.strip().lower() in ("off", "none"): return "off"
+    try: g = float(v)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number > 0 or 'off', got {v!r}") from None
+    if not g > 0: raise argparse.ArgumentTypeError(f"expected a number > 0 or 'off', got {v!r}")
+    return g
+
 def train_config_from_args(a) -> "TrainConfig":
     "Build the `TrainConfig` of `lesiongen train` from parsed arguments: the base's recipe, then the options given"
     from lesiongen.train import TrainConfig
@@ -518,6 +526,7 @@ def train_config_from_args(a) -> "TrainConfig":
              if getattr(a, opt) is not None and getattr(a, opt) is not False}  # 0 is a value, not "not given"
     for key in ("splits", "validation_prompts", "balance_by"):
         if key in given: given[key] = tuple(given[key])
+    if given.get("snr_gamma") == "off": given["snr_gamma"] = None  # plain MSE, overriding the recipe's 5.0
     if a.no_gradient_checkpointing: given["gradient_checkpointing"] = False
     if a.no_progress: given["progress"] = False
     if a.model_config is not None: given["model_config"] = read_model_config(a.model_config)
@@ -766,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-gradient-checkpointing", action="store_true")
     t.add_argument("--caption-dropout", type=float, help="share of empty captions, for classifier-free guidance")
     t.add_argument("--noise-offset", type=float, help="offset noise: std of a per-image, per-channel constant added to the training noise (e.g. 0.1)")
-    t.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5.0)")
+    t.add_argument("--snr-gamma", type=snr_gamma_arg, help="Min-SNR-gamma loss weighting (e.g. 5.0; 'off': plain MSE)")
     t.add_argument("--balance-by", nargs="+", metavar="COLUMN",
                    help="rebalance the data order over these record columns' groups, e.g. dx (compact recipe: dx fitzpatrick; --balance-power 0 keeps the natural order)")
     t.add_argument("--balance-power", type=float, help="alpha: draw an image with weight (group count)^-alpha; 0 natural, 1 equal groups")

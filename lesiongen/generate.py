@@ -646,13 +646,15 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
                   seeds: Sequence[int],  # one seed per image
                   num_inference_steps: int = 25,  # sampler steps, >= 1
                   guidance_scale: float = 3.0,  # classifier-free guidance w; <= 1: none
-                  negative_prompt: str = "",  # unconditional caption
+                  negative_prompt: str|Sequence[str] = "",  # unconditional caption, or one per image (e.g. `contrast_captions`)
                   resolution: int|None = None,  # px; None: the model's
                   guidance_interval: tuple = (0.0, 1.0),  # guide only the steps whose noise level t/T lies in [lo, hi]
                  ) -> list:  # PIL images, one per caption
     "Render one image per caption in `texts`, image i from its own generator seeded with `seeds[i]`"
     from lesiongen import model as _model
     if len(texts) != len(seeds): raise LesionGenError(f"{len(texts)} captions but {len(seeds)} seeds")
+    negs = [negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negs) != len(texts): raise LesionGenError(f"{len(texts)} captions but {len(negs)} negative prompts")
     interval = check_guidance_interval(guidance_interval)
     device = pipe._execution_device
     uniq = list(dict.fromkeys(texts))
@@ -663,8 +665,10 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
         emb, mask = pipe.encode_prompt(uniq, device)
         kw = dict(prompt_embeds=emb[pos], prompt_attention_mask=mask[pos])
         if cfg:
-            nemb, nmask = pipe.encode_prompt([negative_prompt], device)
-            kw.update(negative_prompt_embeds=nemb.expand(b, -1, -1), negative_prompt_attention_mask=nmask.expand(b, -1))
+            nuniq = list(dict.fromkeys(negs))
+            nemb, nmask = pipe.encode_prompt(nuniq, device)
+            npos = torch.tensor([nuniq.index(t) for t in negs])
+            kw.update(negative_prompt_embeds=nemb[npos], negative_prompt_attention_mask=nmask[npos])
             if interval != (0.0, 1.0): kw["guidance_interval"] = interval
         size = resolution or pipe.unet.config.sample_size
         return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gens,
@@ -673,7 +677,8 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
     kw = dict(prompt_embeds=emb[pos])
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if cfg:
-        neg = pipe.encode_prompt([negative_prompt], device, 1, False)[0].expand(b, -1, -1)
+        nuniq = list(dict.fromkeys(negs))
+        neg = pipe.encode_prompt(nuniq, device, 1, False)[0][torch.tensor([nuniq.index(t) for t in negs])]
         kw["negative_prompt_embeds"] = neg
         if interval != (0.0, 1.0):
             # diffusers' dynamic-guidance pattern: the step-end callback sets the next step's guidance and embeddings

@@ -445,3 +445,24 @@ def test_guidance_interval(tiny_model, tiny_sd, kind):
         assert not torch.equal(part, full) and not torch.equal(part, none), iv
     with pytest.raises(LesionGenError, match="guidance_interval"):
         G.sample_images(pipe, texts, seeds, num_inference_steps=3, guidance_interval=(0.9, 0.1))
+
+
+@pytest.mark.parametrize("kind", ["compact", "sd"])
+def test_negative_prompt_per_image(tiny_model, tiny_sd, kind):
+    "One negative prompt per image: the shared string repeated is the string exactly; changing image 1's changes only it"
+    pipe = G.load_pipeline(tiny_model if kind == "compact" else tiny_sd)
+    pipe.scheduler = G.make_scheduler("dpmpp", pipe.scheduler, pixel_space=kind == "compact")
+    pipe.set_progress_bar_config(disable=True)
+    texts, seeds = ["dermoscopy image of a melanoma", "dermoscopy image of a melanocytic nevus"], [1, 2]
+
+    def px(neg):
+        ims = G.sample_images(pipe, texts, seeds, num_inference_steps=3, guidance_scale=5.0, negative_prompt=neg)
+        return [np.asarray(im) for im in ims]
+
+    def diff(a, b): return int(np.abs(a.astype(int) - b.astype(int)).max())
+    shared, listed = px("blurry"), px(["blurry", "blurry"])
+    assert all(diff(a, b) <= 1 for a, b in zip(shared, listed))
+    mixed = px(["blurry", "dermoscopy image of a basal cell carcinoma"])
+    assert diff(mixed[0], shared[0]) <= 1 and diff(mixed[1], shared[1]) > 1
+    with pytest.raises(LesionGenError, match="2 captions but 1 negative prompts"):
+        px(["blurry"])

@@ -375,3 +375,14 @@ def test_noise_offset_from_the_cli():
     assert natural.balance_power == 0.0
     with pytest.raises(LesionGenError, match=r"noise_offset must be a number in \[0, 1\)"):
         train_config_from_args(build_parser().parse_args(base + ["--noise-offset", "1.5"]))
+
+
+def test_snr_gamma_off_from_the_cli(capsys):
+    from lesiongen.cli import build_parser, train_config_from_args
+    base = ["train", "--records", "r.csv", "--captions", "c.jsonl", "--base", "compact", "--out", "o"]
+    assert train_config_from_args(build_parser().parse_args(base)).snr_gamma == 5.0  # the compact recipe
+    assert train_config_from_args(build_parser().parse_args(base + ["--snr-gamma", "2.5"])).snr_gamma == 2.5
+    assert train_config_from_args(build_parser().parse_args(base + ["--snr-gamma", "off"])).snr_gamma is None
+    for bad in ("0", "-1", "high"):
+        with pytest.raises(SystemExit) as e: build_parser().parse_args(base + ["--snr-gamma", bad])
+        assert e.value.code == 2 and f"got {bad!r}" in capsys.readouterr().err
