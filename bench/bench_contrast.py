@@ -52,10 +52,11 @@ def negatives(plan: pd.DataFrame, records: Path) -> tuple[list[str], list[str]]:
     "Per plan row: the caption with its concepts flipped (`flip`), and those flipped concept clauses alone (`part`)"
     train = training_rows(records)
     common = {c: train.loc[train[c] != "absent", c].value_counts().index[0] for c in DERM7PT_CONCEPTS}
-    rows = plan.to_dict("records")
-    flipped = [counterfactual_captions([r, flip(r, common)])[1] for r in rows]
-    part = [C.join_clauses([cl for cl in C.caption_clauses(C.record_facts(flip(r, common)), "short", 0) if cl.key in DERM7PT_CONCEPTS])
-            for r in rows]
+    flipped, part = [], []
+    for r in plan.to_dict("records"):
+        f = flip(r, common)
+        flipped.append(counterfactual_captions([r, f])[1])
+        part.append(C.join_clauses([cl for cl in C.caption_clauses(C.record_facts(f), "short", 0) if cl.key in DERM7PT_CONCEPTS]))
     return flipped, part
 
 

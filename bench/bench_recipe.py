@@ -16,9 +16,9 @@ Presets (2 CPU cores, phantom data):
 
 Training length: `--steps budget` (default) spends the preset's training minutes on this machine: two short probe
 runs of the recipe (10 and 60 steps) measure the time per step and the fixed cost (loading, caption encoding, final
-validation and save), and the generator trains for the steps that fit 85% of the budget (a long run's steps
-went 13-20% slower than the probes' on the machine measured) (timings vary 20-40% between
-machines: the same 2,100 steps took 27 minutes on one 2-core machine and 39 on another). `--steps N` trains exactly N
+validation and save), and the generator trains for the steps that fit 85% of the budget, since a long run's steps
+went 13-20% slower than the probes' on the machine measured. Timings vary 20-40% between machines: the same 2,100
+steps took 27 minutes on one 2-core machine and 39 on another. `--steps N` trains exactly N
 steps (the reference recipes: 1,152 at 32 px, 2,100 at 64 px). Intermediate validation grids are off (the final one
 is rendered), so the budget buys training steps.
 
@@ -90,7 +90,7 @@ def timed(args: list[str]) -> float:
 
 
 def budget_steps(work: Path, records: Path, captions: Path, preset: dict, threads: int, probes=(10, 60)) -> dict:
-    "Measure the recipe's seconds per step and fixed cost with two probe runs; the steps that fit 97% of the budget"
+    "Measure the recipe's seconds per step and fixed cost (loading, caption encoding, final validation) with two probe runs"
     (a, b), t = probes, {}
     for k in probes:
         probe = work / f"probe{k}"
@@ -151,10 +151,10 @@ def main(argv=None):
     records, captions = (Path(a.records), Path(a.captions)) if a.records else build_data(work, a.cases)
     if a.steps != "budget" and not (a.steps.isdigit() and int(a.steps) > 0):
         p.error(f"--steps must be 'budget' or a positive integer, got {a.steps!r}")
-    budget, train_steps = None, None
+    budget, train_steps = None, None  # budget: the probes' rates, when the budget sets the steps
     if not a.run:
         steps_file = work / f"steps_{a.preset}.json"  # the probes run once per working folder (resumable)
-        if a.steps != "budget": budget, train_steps = {}, int(a.steps)
+        if a.steps != "budget": train_steps = int(a.steps)
         else:
             if steps_file.is_file(): budget = json.loads(steps_file.read_text())
             else:
@@ -183,9 +183,9 @@ def main(argv=None):
     drops = pd.Series({k: t25.loc[k, col] - t.loc[k, col] for k, col in keys})
     rows = [("generator training, min", minutes, f"<= {preset['train_minutes']}",
              None if minutes is None else minutes <= preset["train_minutes"]),
-            (f"training steps ({'bought by the budget' if budget and 's_per_step' in budget else 'given'}; reference {preset['steps']})",
+            (f"training steps ({'bought by the budget' if budget else 'given'}; reference {preset['steps']})",
              train_steps, "", None)]
-    if budget and "s_per_step" in budget:
+    if budget:
         rows += [("probe: seconds per training step", budget["s_per_step"], "", None),
                  ("probe: fixed cost of a run, s", budget["fixed_s"], "", None)]
     rows += [(f"img/s, {sched} {steps} steps, guidance {g} in {interval}", ips, f">= {preset['img_s']}", ips >= preset["img_s"]),

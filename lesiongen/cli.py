@@ -515,7 +515,7 @@ def snr_gamma_arg(v: str) -> float|str:
     "Parse `--snr-gamma`: a positive number, or `off` for plain MSE (the compact recipe's default is 5.0)"
     if v.strip().lower() in ("off", "none"): return "off"
     try: g = float(v)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number > 0 or 'off', got {v!r}") from None
+    except ValueError: g = float("nan")
     if not g > 0: raise argparse.ArgumentTypeError(f"expected a number > 0 or 'off', got {v!r}")
     return g
 

@@ -640,13 +640,18 @@ def _interval_callback(guided: list[bool], guidance_scale: float, pos, neg):
         return {"prompt_embeds": torch.cat([neg, pos]) if on else pos}
     return callback
 
+def _distinct(texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    "The distinct captions of `texts` (each encoded once) and the index of each text among them"
+    uniq = list(dict.fromkeys(texts))
+    return uniq, torch.tensor([uniq.index(t) for t in texts])
+
 @torch.no_grad()
 def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`load_pipeline`)
                   texts: Sequence[str],  # one caption per image
                   seeds: Sequence[int],  # one seed per image
                   num_inference_steps: int = 25,  # sampler steps, >= 1
                   guidance_scale: float = 3.0,  # classifier-free guidance w; <= 1: none
-                  negative_prompt: str|Sequence[str] = "",  # unconditional caption, or one per image (e.g. `contrast_captions`)
+                  negative_prompt: str|Sequence[str] = "",  # unconditional caption, or one per image (e.g. each caption with its concepts flipped)
                   resolution: int|None = None,  # px; None: the model's
                   guidance_interval: tuple = (0.0, 1.0),  # guide only the steps whose noise level t/T lies in [lo, hi]
                  ) -> list:  # PIL images, one per caption
@@ -657,17 +662,14 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
     if len(negs) != len(texts): raise LesionGenError(f"{len(texts)} captions but {len(negs)} negative prompts")
     interval = check_guidance_interval(guidance_interval)
     device = pipe._execution_device
-    uniq = list(dict.fromkeys(texts))
-    pos = torch.tensor([uniq.index(t) for t in texts])
+    (uniq, pos), (nuniq, npos) = _distinct(texts), _distinct(negs)
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     b, cfg = len(texts), guidance_scale > 1
     if isinstance(pipe, _model.LesionGenPipeline):
         emb, mask = pipe.encode_prompt(uniq, device)
         kw = dict(prompt_embeds=emb[pos], prompt_attention_mask=mask[pos])
         if cfg:
-            nuniq = list(dict.fromkeys(negs))
             nemb, nmask = pipe.encode_prompt(nuniq, device)
-            npos = torch.tensor([nuniq.index(t) for t in negs])
             kw.update(negative_prompt_embeds=nemb[npos], negative_prompt_attention_mask=nmask[npos])
             if interval != (0.0, 1.0): kw["guidance_interval"] = interval
         size = resolution or pipe.unet.config.sample_size
@@ -677,8 +679,7 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
     kw = dict(prompt_embeds=emb[pos])
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if cfg:
-        nuniq = list(dict.fromkeys(negs))
-        neg = pipe.encode_prompt(nuniq, device, 1, False)[0][torch.tensor([nuniq.index(t) for t in negs])]
+        neg = pipe.encode_prompt(nuniq, device, 1, False)[0][npos]
         kw["negative_prompt_embeds"] = neg
         if interval != (0.0, 1.0):
             # diffusers' dynamic-guidance pattern: the step-end callback sets the next step's guidance and embeddings
