@@ -33,6 +33,7 @@ from lesiongen.adherence import adherence, real_reference  # noqa: E402
 from lesiongen.classify import Judges  # noqa: E402
 from lesiongen.core import DERM7PT_CONCEPTS, RESEARCH_ONLY, seven_point_score  # noqa: E402
 from lesiongen.data import is_missing  # noqa: E402
+from lesiongen.model import unet_forward  # noqa: E402
 from lesiongen.generate import (balanced_plan, counterfactual_captions, make_scheduler, sample_images,  # noqa: E402
                                 training_rows)
 
@@ -69,12 +70,12 @@ def sample_tri(pipe, texts: list, negs: list, seeds: list, steps: int, w: float,
     fe, fm = pipe.encode_prompt(negs, "cpu")
     emb, mask = torch.cat([ue.expand(b, -1, -1), fe, pe]), torch.cat([um.expand(b, -1), fm, pm])
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    size = pipe.unet.config.sample_size
+    size = pipe.resolution
     pipe.scheduler.set_timesteps(steps)
     x = randn_tensor((b, 3, size, size), generator=gens, dtype=torch.float32) * pipe.scheduler.init_noise_sigma
     for t in pipe.scheduler.timesteps:
-        out = pipe.unet(pipe.scheduler.scale_model_input(torch.cat([x] * 3), t), t, encoder_hidden_states=emb,
-                        encoder_attention_mask=mask).sample
+        out = unet_forward(pipe.unet, pipe.scheduler.scale_model_input(torch.cat([x] * 3), t), t, pipe.patch_size,
+                           encoder_hidden_states=emb, encoder_attention_mask=mask)
         u, f, c = out.chunk(3)
         x = pipe.scheduler.step(u + w * (c - u) + w2 * (c - f), t, x, generator=gens).prev_sample
     return pipe.image_processor.postprocess(x.clamp(-1, 1), output_type="pil")

@@ -31,7 +31,11 @@ same guidance for reference: the balanced plan is rendered and judged with both,
 0.05 on the preset's headline measures (issue 7). img/s are measured in this process, so run it on an otherwise idle
 machine.
 
-Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40]
+`--model-config FILE` trains another architecture under the preset's budget, data, judges and sampler (a JSON file of
+`CompactConfig` fields, as `lesiongen train --model-config` reads), e.g. `bench/recipes/compact64_patch2.json`, the
+64 px model on a 32x32 grid of 2x2-pixel patches, measured and not adopted (07_generate).
+
+Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
 """
 import argparse, json, logging, shutil, subprocess, sys, time
 from pathlib import Path
@@ -141,12 +145,17 @@ def main(argv=None):
     p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
     p.add_argument("--concept-cf", type=int, default=40, help="64 px: lesions of each concept's off/on counterfactual (x2 images)")
     p.add_argument("--threads", type=int, default=2); p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--model-config", help="a JSON file of CompactConfig fields replacing the preset's architecture "
+                                           "(e.g. bench/recipes/compact64_patch2.json)")
     p.add_argument("--steps", default="budget",
                    help="training steps: 'budget' (what the preset's minutes buy on this machine, measured) or a number")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
     preset, work = PRESETS[a.preset], Path(a.work)
+    if a.model_config:
+        if not Path(a.model_config).is_file(): p.error(f"--model-config: no such file {a.model_config!r}")
+        preset = {**preset, "model_config": Path(a.model_config)}
     work.mkdir(parents=True, exist_ok=True)
     records, captions = (Path(a.records), Path(a.captions)) if a.records else build_data(work, a.cases)
     if a.steps != "budget" and not (a.steps.isdigit() and int(a.steps) > 0):

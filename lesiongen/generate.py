@@ -587,9 +587,10 @@ def model_hash(path: str|Path,  # a model folder
     return h.hexdigest()
 
 def _size_multiple(folder: Path) -> int|None:
-    "The factor image sides must be multiples of, from the UNet (and VAE) configs in `folder`; None if unknown"
+    "The factor image sides must be multiples of, from the UNet (and VAE, or patch size) configs in `folder`; None if unknown"
     try:
         f = 2 ** (len(json.loads((folder / "unet" / "config.json").read_text())["block_out_channels"]) - 1)
+        f *= json.loads((folder / "model_index.json").read_text()).get("patch_size", 1)
         if (folder / "vae" / "config.json").is_file():
             f *= 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
         return f
@@ -672,7 +673,7 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
             nemb, nmask = pipe.encode_prompt(nuniq, device)
             kw.update(negative_prompt_embeds=nemb[npos], negative_prompt_attention_mask=nmask[npos])
             if interval != (0.0, 1.0): kw["guidance_interval"] = interval
-        size = resolution or pipe.unet.config.sample_size
+        size = resolution or pipe.resolution
         return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gens,
                     height=size, width=size, output_type="pil", **kw).images
     emb, _ = pipe.encode_prompt(uniq, device, 1, False)

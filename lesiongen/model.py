@@ -26,9 +26,9 @@ __all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA
            'PREDICTION_TYPES', 'BETA_SCHEDULES', 'TEXT_UNITS', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze',
            'count_params', 'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion',
            'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig',
-           'compact_unet', 'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path', 'load_text_encoder',
-           'split_clauses', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps', 'LesionGenPipelineOutput',
-           'LesionGenPipeline', 'compact_pipeline']
+           'compact_unet', 'unet_forward', 'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path',
+           'load_text_encoder', 'split_clauses', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps',
+           'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
 
 # %% ../nbs/04_model.ipynb #a1567663
 def default_dtype(device: str|torch.device|None = None,  # target device; None: the CPU
@@ -264,8 +264,10 @@ ADDITION_EMBED_TYPES = (None, "text")
 @dataclass
 class CompactConfig:
     "Architecture, noise schedule and text conditioning of the compact pixel-space model"
-    resolution: int = 32  # image side in px; divisible by 2**(levels - 1)
+    resolution: int = 32  # image side in px; divisible by patch_size * 2**(levels - 1)
     in_channels: int = 3  # image channels (RGB)
+    patch_size: int = 1  # pixels per side folded into channels before the UNet and unfolded after it (space-to-depth,
+    # `pixel_unshuffle`, the patching of simple diffusion and DiT): 2 runs a 64 px model on a 32x32 grid of 12 channels
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per resolution level, highest resolution first
     attention_levels: tuple[bool, ...] = (False, False, True)  # cross-attention at each level (same length as `block_out_channels`);
     # the lowest level only: attention at 16x16 and above costs far more time than its FLOPs suggest (bench/bench_train.py)
@@ -297,9 +299,12 @@ class CompactConfig:
             raise LesionGenError(f"block_out_channels must be positive integers, got {self.block_out_channels}")
         if len(self.attention_levels) != n:
             raise LesionGenError(f"attention_levels has {len(self.attention_levels)} entries, block_out_channels has {n}")
-        if self.resolution <= 0 or self.resolution % 2**(n - 1):
-            raise LesionGenError(f"resolution={self.resolution} must be a positive multiple of {2**(n - 1)} "
-                                 f"(2**(levels-1) for {n} levels)")
+        if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise LesionGenError(f"patch_size must be a positive integer, got {self.patch_size!r}")
+        m = self.patch_size * 2**(n - 1)
+        if self.resolution <= 0 or self.resolution % m:
+            raise LesionGenError(f"resolution={self.resolution} must be a positive multiple of {m} "
+                                 f"(patch_size * 2**(levels-1) for {n} levels)")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if self.norm_num_groups <= 0 or bad:
             raise LesionGenError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry ({bad})")
@@ -348,15 +353,27 @@ class CompactConfig:
 # %% ../nbs/04_model.ipynb #b3eb63c8
 def compact_unet(cfg: CompactConfig,  # the compact model's settings
                 ) -> UNet2DConditionModel:  # a randomly initialised pixel-space UNet (seed with `torch.manual_seed`)
-    "Build the compact model's pixel-space `UNet2DConditionModel` from `cfg`"
+    "Build the compact model's pixel-space `UNet2DConditionModel` from `cfg` (on the patch grid when `cfg.patch_size` > 1)"
+    p = cfg.patch_size
     return UNet2DConditionModel(
-        sample_size=cfg.resolution, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        sample_size=cfg.resolution // p, in_channels=cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p,
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
         addition_embed_type=cfg.addition_embed_type, addition_embed_type_num_heads=cfg.addition_embed_type_num_heads,
         only_cross_attention=cfg.only_cross_attention)
+
+def unet_forward(unet: UNet2DConditionModel,  # the compact UNet
+                 sample: torch.Tensor,  # pixel-space input [B, C, H, W]
+                 timestep,  # diffusion timestep(s)
+                 patch_size: int = 1,  # the model's `CompactConfig.patch_size`
+                 **kwargs,  # passed to the UNet (`encoder_hidden_states`, `encoder_attention_mask`, ...)
+                ) -> torch.Tensor:  # the prediction in pixel space [B, C, H, W]
+    "Run `unet` on a pixel-space sample, folding `patch_size`² pixels into channels before it and unfolding after"
+    if patch_size == 1: return unet(sample, timestep, **kwargs).sample
+    out = unet(torch.nn.functional.pixel_unshuffle(sample, patch_size), timestep, **kwargs).sample
+    return torch.nn.functional.pixel_shuffle(out, patch_size)
 
 def compact_noise_scheduler(cfg: CompactConfig,  # the compact model's settings
                            ) -> DDPMScheduler:  # the training scheduler (adds noise; also a 1000-step ancestral sampler)
@@ -508,12 +525,13 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  use_attention_mask: bool = True,  # pass the text padding mask to cross-attention (as in training)
                  text_units: str = "token",  # `token`, `clause` or `token+clause` text sequence (as in training)
                  max_text_clauses: int = 24,  # clauses per caption when `text_units` has clauses (as in training)
+                 patch_size: int = 1,  # pixels per side folded into the UNet's channels (`CompactConfig.patch_size`)
                 ):
         super().__init__()
         freeze(text_encoder)
         self.register_modules(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
         self.register_to_config(max_text_tokens=max_text_tokens, use_attention_mask=use_attention_mask, text_units=text_units,
-                                max_text_clauses=max_text_clauses)
+                                max_text_clauses=max_text_clauses, patch_size=patch_size)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
     @classmethod
@@ -546,9 +564,19 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return text_length(self.text_units, self.config.max_text_tokens, self.max_text_clauses)
 
     @property
+    def patch_size(self) -> int:
+        "Pixels per side folded into the UNet's channels (pipelines saved before patching: 1)"
+        return getattr(self.config, "patch_size", 1)
+
+    @property
+    def resolution(self) -> int:
+        "The training image side, px: the default size of generated images"
+        return self.unet.config.sample_size * self.patch_size
+
+    @property
     def size_multiple(self) -> int:
-        "Image sides must be multiples of this (2**(levels - 1))"
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        "Image sides must be multiples of this (patch_size * 2**(levels - 1))"
+        return self.patch_size * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode_prompt(self, prompt: str|list[str],  # captions
                       device: torch.device,  # where the embeddings go
@@ -593,7 +621,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
                         generator, latents: torch.Tensor|None = None) -> torch.Tensor:
         "Draw the initial pixel-space noise (or check `latents`) and scale it for the scheduler"
-        shape = (batch_size, self.unet.config.in_channels, height, width)
+        shape = (batch_size, self.unet.config.in_channels // self.patch_size**2, height, width)
         if latents is None: latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape: raise LesionGenError(f"latents shape {tuple(latents.shape)} != {shape}")
         else: latents = latents.to(device=device, dtype=dtype)
@@ -618,8 +646,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  return_dict: bool = True,  # False: return a tuple (images,)
                 ) -> LesionGenPipelineOutput:
         "Generate images for `prompt` with classifier-free guidance"
-        res = self.unet.config.sample_size
-        height, width = height or res, width or res
+        height, width = height or self.resolution, width or self.resolution
         # 1. Check inputs
         self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           num_images_per_prompt, prompt_embeds, negative_prompt_embeds, output_type, generator)
@@ -662,7 +689,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             for t, guide in zip(timesteps, guided):
                 inp = self.scheduler.scale_model_input(torch.cat([x] * 2) if guide else x, t)
                 e, m = (emb, mask) if guide or not do_cfg else (emb[n:], None if mask is None else mask[n:])
-                out = self.unet(inp, t, encoder_hidden_states=e, encoder_attention_mask=m).sample
+                out = unet_forward(self.unet, inp, t, self.patch_size, encoder_hidden_states=e, encoder_attention_mask=m)
                 if guide:
                     uncond, cond = out.chunk(2)
                     out = uncond + guidance_scale * (cond - uncond)
@@ -691,9 +718,10 @@ def compact_pipeline(cfg: CompactConfig,  # the compact model's settings
     if hidden != cfg.cross_attention_dim or unet.config.cross_attention_dim != cfg.cross_attention_dim:
         raise LesionGenError(f"cross_attention_dim={cfg.cross_attention_dim} but the text encoder has hidden size "
                              f"{hidden} and the UNet expects {unet.config.cross_attention_dim}")
-    if unet.config.sample_size != cfg.resolution:
-        raise LesionGenError(f"resolution={cfg.resolution} but the UNet was built for {unet.config.sample_size} px")
+    if unet.config.sample_size * cfg.patch_size != cfg.resolution:
+        raise LesionGenError(f"resolution={cfg.resolution} but the UNet was built for {unet.config.sample_size} px "
+                             f"at patch_size={cfg.patch_size}")
     scheduler = scheduler or sampling_scheduler(compact_noise_scheduler(cfg), thresholding=cfg.thresholding)
     return LesionGenPipeline(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=encoder,
                              max_text_tokens=cfg.max_text_tokens, use_attention_mask=cfg.use_attention_mask,
-                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses)
+                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses, patch_size=cfg.patch_size)

@@ -549,8 +549,9 @@ def trainable_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 def downsampling_factor(components: dict) -> int:
-    "Return the pixel-to-bottleneck downsampling factor of the UNet (times the VAE's for latent models)"
+    "Return the pixel-to-bottleneck downsampling factor of the UNet (times the VAE's for latent models, the patch size for patched ones)"
     f = 2 ** (len(components["unet"].config.block_out_channels) - 1)
+    if components.get("compact_config") is not None: f *= components["compact_config"].patch_size
     if components.get("vae") is not None: f *= 2 ** (len(components["vae"].config.block_out_channels) - 1)
     return f
 
@@ -758,6 +759,8 @@ def compute_loss(unet, batch: dict, noise_scheduler, cfg: TrainConfig,
     elif kind == "v_prediction": target = noise_scheduler.get_velocity(x0, noise, t)
     else: raise LesionGenError(f"unsupported prediction_type {kind!r}")
     kw = {} if batch["mask"] is None else {"encoder_attention_mask": batch["mask"]}
+    if (p := cfg.model_config.get("patch_size", 1)) > 1:  # a patched compact model: fold the input and the target alike
+        noisy, target = F.pixel_unshuffle(noisy, p), F.pixel_unshuffle(target, p)  # (the mean squared error is unchanged)
     pred = unet(noisy.to(weight_dtype), t, encoder_hidden_states=batch["hidden"].to(weight_dtype), return_dict=False, **kw)[0]
     if cfg.snr_gamma is None: return F.mse_loss(pred.float(), target.float(), reduction="mean")
     snr = compute_snr(noise_scheduler, t)

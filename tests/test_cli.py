@@ -308,6 +308,31 @@ def test_train_model_config(tmp_path):
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
 
 
+
+def test_patched_model_from_the_command_line(tmp_path):
+    "A model config with patch_size 2 trains at 64 px on a 32x32 grid and generates 64 px images; sizes off its grid are refused"
+    records = _curated(tmp_path, n=24)
+    run("caption", "--records", records, "--style", "short", "--max-tokens", 77, "--out", tmp_path / "c.jsonl", "--quiet")
+    mc = tmp_path / "model.json"
+    mc.write_text(json.dumps({"patch_size": 2, "block_out_channels": [16, 32], "attention_levels": [False, True],
+                              "attention_head_dim": 2, "norm_num_groups": 8}))
+    common = ["train", "--records", records, "--captions", tmp_path / "c.jsonl", "--base", "compact", "--max-steps", 1,
+              "--batch-size", 4, "--checkpointing-steps", 1, "--num-validation-images", 1, "--model-config", mc,
+              "--validation-prompt", "dermoscopy image of a melanoma", "--no-progress"]
+    p = run(*common, "--resolution", 66, "--out", tmp_path / "bad", check=False)
+    assert p.returncode == 2 and "multiple of 4" in _error_line(p), p.stderr
+    run(*common, "--resolution", 64, "--out", tmp_path / "model")
+    unet = json.loads((tmp_path / "model" / "unet" / "config.json").read_text())
+    assert (unet["sample_size"], unet["in_channels"]) == (32, 12)
+    assert json.loads((tmp_path / "model" / "model_index.json").read_text())["patch_size"] == 2
+    gen = ["generate", "--model", tmp_path / "model", "--records", records, "--plan", "balanced", "--n", 2, "--steps", 2, "--quiet"]
+    p = run(*gen, "--resolution", 66, "--out", tmp_path / "syn_bad", check=False)
+    assert p.returncode == 2 and "multiple of 4" in _error_line(p), p.stderr
+    run(*gen, "--out", tmp_path / "syn")
+    meta = pd.read_csv(tmp_path / "syn" / "metadata.csv")
+    assert [Image.open(tmp_path / "syn" / f).size for f in meta["file_name"]] == [(64, 64)] * 2
+
+
 # --- failures a user causes or can fix: one line, exit 2 (130 Ctrl-C, 143 SIGTERM); a bug: traceback + where to report
 
 def _main(monkeypatch, capsys, argv, **replace):
