@@ -308,7 +308,6 @@ def test_train_model_config(tmp_path):
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
 
 
-
 def test_patched_model_from_the_command_line(tmp_path):
     "A model config with patch_size 2 trains at 64 px on a 32x32 grid and generates 64 px images; sizes off its grid are refused"
     records = _curated(tmp_path, n=24)
