@@ -24,12 +24,16 @@ is rendered), so the budget buys training steps.
 
 Every stage is skipped when its output exists (`--work DIR` is resumable); pass `--records/--captions`, `--run` or
 `--judges` to reuse data, a trained generator or trained judges (training time is then not measured).
-Sampling: the preset's sampler (SDE DPM-Solver++; at 32 px 6 steps with guidance limited to the middle of the noise
-schedule, at 64 px 6 steps guided at every step, as measured with bench_adherence.py; 5 steps were tried and lost
-0.16 of streaks against the reference, `bench/results/gen64_recipe_budget_preset.csv`), and 25-step DPM-Solver++ at the
+Sampling: the preset's sampler (SDE DPM-Solver++; at 32 px 6 steps with guidance in t/T [0.2, 0.6], two of the six
+steps, which kept the adherence of [0.2, 0.8] at 8 UNet passes per image instead of 9,
+`bench/results/gen32_budget_sampler_intervals.csv`; at 64 px 6 steps guided at every step, as measured with
+bench_adherence.py; 5 steps were tried and lost 0.16 of streaks against the reference,
+`bench/results/gen64_recipe_budget_preset.csv`), and 25-step DPM-Solver++ at the
 same guidance for reference: the balanced plan is rendered and judged with both, and the fast sampler may lose at most
-0.05 on the preset's headline measures (issue 7). img/s are measured in this process, so run it on an otherwise idle
-machine.
+0.05 on the preset's headline measures (issue 7). The UNet runs through `torch.compile` (`lesiongen generate
+--compile`; `--no-compile` samples eagerly): the first pass over the balanced plan compiles it for each batch shape and
+is timed on its own row; img/s are measured on a second pass. img/s are measured in this process, so run it on an
+otherwise idle machine.
 
 `--model-config FILE` trains another architecture under the preset's budget, data, judges and sampler (a JSON file of
 `CompactConfig` fields, as `lesiongen train --model-config` reads), e.g. `bench/recipes/compact64_patch2.json`, the
@@ -44,18 +48,18 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_adherence import pipeline_at, render  # noqa: E402
+from bench_adherence import render  # noqa: E402
 
 from lesiongen.adherence import adherence, counterfactual_control, real_reference  # noqa: E402
 from lesiongen.classify import JudgeConfig, Judges, train_judges  # noqa: E402
 from lesiongen.core import RESEARCH_ONLY  # noqa: E402
-from lesiongen.generate import balanced_plan, counterfactual_plan  # noqa: E402
+from lesiongen.generate import balanced_plan, counterfactual_plan, load_pipeline  # noqa: E402
 
 HERE = Path(__file__).parent
 PRESETS = {
     "32": dict(resolution=32, model_config=None, train_args=[], steps=1152,  # `TrainConfig.compact()` as it is
                judge_resolution=32, train_minutes=15, img_s=20,
-               sampler=("dpmpp_sde", 6, 4.0, (0.2, 0.8))),
+               sampler=("dpmpp_sde", 6, 4.0, (0.2, 0.6))),
     "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--checkpointing-steps", "500", "--balance-by", "dx"], steps=2100,
                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 6, 4.0, (0.0, 1.0))),
 }
@@ -145,6 +149,7 @@ def main(argv=None):
     p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
     p.add_argument("--concept-cf", type=int, default=40, help="64 px: lesions of each concept's off/on counterfactual (x2 images)")
     p.add_argument("--threads", type=int, default=2); p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--no-compile", action="store_true", help="sample with the eager UNet (default: torch.compile, timed apart)")
     p.add_argument("--model-config", help="a JSON file of CompactConfig fields replacing the preset's architecture "
                                            "(e.g. bench/recipes/compact64_patch2.json)")
     p.add_argument("--steps", default="budget",
@@ -177,8 +182,11 @@ def main(argv=None):
     ref = real_reference(judges, records, split="test")
     plan = balanced_plan(records, a.n, seed=0)
     cf = counterfactual_plan(records, a.cf, attribute="fitzpatrick", seed=1)
-    pipe = pipeline_at(run, None)
+    pipe = load_pipeline(run, compile=not a.no_compile)
     sched, steps, g, interval = preset["sampler"]
+    warm = None if a.no_compile else time.perf_counter()
+    if warm is not None:  # torch.compile builds its kernels at the first call of each batch shape: a pass of its own
+        render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval); warm = time.perf_counter() - warm
     imgs, ips = render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval)
     rep = adherence(judges, imgs, plan, ref)
     cc = counterfactual_control(judges, render(pipe, cf, sched, steps, g, a.batch, guidance_interval=interval)[0], cf).iloc[0]
@@ -197,8 +205,10 @@ def main(argv=None):
     if budget:
         rows += [("probe: seconds per training step", budget["s_per_step"], "", None),
                  ("probe: fixed cost of a run, s", budget["fixed_s"], "", None)]
-    rows += [(f"img/s, {sched} {steps} steps, guidance {g} in {interval}", ips, f">= {preset['img_s']}", ips >= preset["img_s"]),
-             (f"img/s, dpmpp 25 steps, guidance {g} (reference)", ips25, "", None),
+    how = "eager" if a.no_compile else "torch.compile"
+    if warm is not None: rows.append((f"first pass over the plan, torch.compile building its kernels, s ({len(plan)} images)", warm, "", None))
+    rows += [(f"img/s, {sched} {steps} steps, guidance {g} in {interval}, {how}", ips, f">= {preset['img_s']}", ips >= preset["img_s"]),
+             (f"img/s, dpmpp 25 steps, guidance {g} (reference), {how}", ips25, "", None),
              (f"largest adherence drop vs the reference ({drops.idxmax()})", drops.max(), "<= 0.05", drops.max() <= 0.05)]
     if a.preset == "32":
         rows += [("relative diagnosis adherence", t.loc["dx", "relative_balanced"], ">= 0.9", t.loc["dx", "relative_balanced"] >= 0.9),

@@ -7,7 +7,12 @@ Adherence of the same settings is measured by bench/bench_adherence.py (--sample
 Guidance limited to the middle of the noise schedule (`guidance_interval`) runs one UNet pass instead of two on the
 other steps; `unet_passes` counts passes per image.
 
-Usage: python bench/bench_sampling.py --model RUN --records records.csv [--n 128] [--threads 2]
+`--compile` measures the bench presets' samplers (6 SDE steps guided in t/T [0.2, 0.6], 6 SDE steps guided at every
+step, 25-step DPM-Solver++) with the eager UNet and then with the UNet through `torch.compile` (`lesiongen generate
+--compile`), in one process on the same captions and seeds. Before the compiled rows one untimed pass over the plan
+with each setting builds the kernels of each batch shape; its seconds are printed as `compile_s`.
+
+Usage: python bench/bench_sampling.py --model RUN --records records.csv [--n 128] [--threads 2] [--compile]
 """
 import argparse, time
 
@@ -22,32 +27,52 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True); p.add_argument("--records", required=True)
     p.add_argument("--n", type=int, default=128); p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="the presets' samplers, eager and through torch.compile")
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     pipe = load_pipeline(a.model)
     plan = balanced_plan(a.records, a.n, seed=0)
     texts, seeds = list(plan["text"]), list(plan["seed"])
-    rows = []
     full = (0.0, 1.0)
-    for sched, steps, guidance, batch, interval in [
-            ("dpmpp", 25, 3.0, 64, full), ("dpmpp_sde", 25, 3.0, 16, full), ("dpmpp_sde", 25, 3.0, 64, full),
-            ("dpmpp_sde", 10, 3.0, 64, full), ("dpmpp_sde", 10, 1.0, 64, full), ("dpmpp_sde", 10, 4.0, 64, (0.2, 0.8)),
-            ("dpmpp_sde", 8, 4.0, 64, (0.2, 0.8)), ("dpmpp_sde", 6, 4.0, 64, (0.2, 0.8)), ("dpmpp_sde", 6, 4.0, 128, (0.2, 0.8))]:
-        pipe.scheduler = make_scheduler(sched, pipe.scheduler, pixel_space=True)
-        sample_images(pipe, texts[:8], seeds[:8], num_inference_steps=2, guidance_scale=guidance)  # warm-up
-        pipe.scheduler.set_timesteps(steps)
-        evals = steps + (sum(guided_steps(pipe.scheduler.timesteps, pipe.scheduler.config.num_train_timesteps, interval))
-                         if guidance > 1 else 0)
-        t0 = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            sample_images(pipe, texts[i:i + batch], seeds[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                          guidance_interval=interval)
-        dt = time.perf_counter() - t0
-        rows.append(dict(sampler=sched, steps=steps, guidance=guidance, interval="{:g}-{:g}".format(*interval), batch=batch,
-                         threads=torch.get_num_threads(), unet_passes=evals, img_s=round(len(texts) / dt, 2),
-                         unet_evals_s=round(len(texts) * evals / dt, 1)))
-        print(rows[-1], flush=True)
-    print(pd.DataFrame(rows).to_string(index=False))
+    settings = [("dpmpp", 25, 3.0, 64, full), ("dpmpp_sde", 25, 3.0, 16, full), ("dpmpp_sde", 25, 3.0, 64, full),
+                ("dpmpp_sde", 10, 3.0, 64, full), ("dpmpp_sde", 10, 1.0, 64, full), ("dpmpp_sde", 10, 4.0, 64, (0.2, 0.8)),
+                ("dpmpp_sde", 8, 4.0, 64, (0.2, 0.8)), ("dpmpp_sde", 6, 4.0, 64, (0.2, 0.8)), ("dpmpp_sde", 6, 4.0, 128, (0.2, 0.8))]
+    if a.compile:
+        settings = [("dpmpp_sde", 6, 4.0, 64, (0.2, 0.6)), ("dpmpp_sde", 6, 4.0, 64, full), ("dpmpp", 25, 4.0, 64, full)]
+    rows = [speed(pipe, texts, seeds, *s, unet="eager") for s in settings]
+    if a.compile:
+        pipe.unet = torch.compile(pipe.unet)
+        rows += [speed(pipe, texts, seeds, *s, unet="torch.compile", warm_up=True) for s in settings]
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    if a.compile:
+        wide = table.pivot_table(index=["sampler", "steps", "interval"], columns="unet", values="img_s", sort=False)
+        print("\ntorch.compile / eager, img/s:\n" + (wide["torch.compile"] / wide["eager"]).round(2).to_string())
+
+
+def render(pipe, texts, seeds, steps, guidance, batch, interval) -> float:
+    "Render `texts` in batches; return the seconds"
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        sample_images(pipe, texts[i:i + batch], seeds[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                      guidance_interval=interval)
+    return time.perf_counter() - t0
+
+
+def speed(pipe, texts, seeds, sched, steps, guidance, batch, interval, unet: str, warm_up: bool = False) -> dict:
+    "img/s of one sampler setting on the plan's captions and seeds (after an untimed pass over them if `warm_up`)"
+    pipe.scheduler = make_scheduler(sched, pipe.scheduler, pixel_space=True)
+    compile_s = render(pipe, texts, seeds, steps, guidance, batch, interval) if warm_up else None
+    if not warm_up: sample_images(pipe, texts[:8], seeds[:8], num_inference_steps=2, guidance_scale=guidance)  # warm-up
+    pipe.scheduler.set_timesteps(steps)
+    evals = steps + (sum(guided_steps(pipe.scheduler.timesteps, pipe.scheduler.config.num_train_timesteps, interval))
+                     if guidance > 1 else 0)
+    dt = render(pipe, texts, seeds, steps, guidance, batch, interval)
+    row = dict(unet=unet, sampler=sched, steps=steps, guidance=guidance, interval="{:g}-{:g}".format(*interval), batch=batch,
+               threads=torch.get_num_threads(), unet_passes=evals, img_s=round(len(texts) / dt, 2),
+               unet_evals_s=round(len(texts) * evals / dt, 1), compile_s=None if compile_s is None else round(compile_s, 1))
+    print(row, flush=True)
+    return row
 
 
 if __name__ == "__main__":

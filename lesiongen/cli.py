@@ -547,7 +547,7 @@ _GEN_ARGS = {  # CLI option -> `GenConfig` field, for options given on the comma
     "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_interval": "guidance_interval",
     "negative_prompt": "negative_prompt", "seed": "seed",
     "batch_size": "batch_size", "resolution": "resolution", "lora_base": "lora_base", "caption_seed": "caption_seed",
-    "num_threads": "num_threads"}
+    "num_threads": "num_threads", "compile": "compile"}
 
 def generate_config_from_args(a) -> "GenConfig":
     "Build the `GenConfig` of `lesiongen generate` from parsed arguments"
@@ -825,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-base", help="LoRA runs without config.json (diffusers' script): the SD base")
     g.add_argument("--caption-seed", type=int, help="phrasing seed of the captions (default: 0, as training captions)")
     g.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet: faster sampling after a one-time compile of minutes (large plans; CPU: needs g++)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(fn=_cmd_generate)
 

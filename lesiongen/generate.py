@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_generate.ipynb #59ccd800
 from __future__ import annotations
-import dataclasses, hashlib, io, json, logging, math, time
+import dataclasses, hashlib, io, json, logging, math, os, shutil, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,9 +29,9 @@ __all__ = ['logger', 'PLANS', 'SCHEDULERS', 'FITZPATRICK_TYPES', 'TARGET_COLUMNS
            'META_COLUMNS', 'UNBOUND', 'GenConfig', 'allocate', 'image_seed', 'check_value', 'training_rows',
            'caption_config', 'plan_captions', 'counterfactual_captions', 'empirical_plan', 'balanced_plan',
            'parse_weights', 'targeted_plan', 'counterfactual_plan', 'csv_plan', 'make_plan', 'model_kind', 'lora_base',
-           'weight_files', 'file_sha256', 'model_hash', 'load_pipeline', 'make_scheduler', 'sample_images',
-           'check_inputs', 'check_out', 'prepare_out', 'png_bytes', 'chunk_rows', 'process_chunks', 'metadata',
-           'evaluation_markdown', 'dataset_card', 'generate']
+           'weight_files', 'file_sha256', 'model_hash', 'check_compiler', 'load_pipeline', 'make_scheduler',
+           'sample_images', 'check_inputs', 'check_out', 'prepare_out', 'png_bytes', 'chunk_rows', 'process_chunks',
+           'metadata', 'evaluation_markdown', 'dataset_card', 'generate']
 
 # %% ../nbs/07_generate.ipynb #cc031894
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class GenConfig:
     caption_tokenizer: str = "clip"  # tokenizer that measures the caption budget, as for training captions
     caption_max_tokens: int = 77    # caption budget in tokens, incl. special tokens (CLIP's window)
     num_threads: int|None = None    # torch CPU threads; None: torch's default. Bytes reproduce for the same count; on a shared CPU 1 is often fastest
+    compile: bool = False           # `torch.compile` the UNet before sampling: faster after a one-time compile per batch shape (minutes); needs a C++ compiler on CPU; pixels may differ from eager sampling by 1/255
     progress: bool = True           # show a tqdm progress bar (main process only)
 
     def __post_init__(self):
@@ -93,6 +94,7 @@ class GenConfig:
         if not isinstance(self.caption_max_tokens, int) or self.caption_max_tokens < 3: bad("caption_max_tokens", "an integer >= 3")
         if self.num_threads is not None and not pos_int(self.num_threads): bad("num_threads", "a positive integer or None")
         if not isinstance(self.negative_prompt, str): bad("negative_prompt", "a string")
+        if not isinstance(self.compile, bool): bad("compile", "True or False")
         if self.plan == "targeted" and not self.weights: raise LesionGenError("plan 'targeted' needs weights: a JSON file of group weights")
         if self.weights and self.plan != "targeted": raise LesionGenError(f"weights applies to plan 'targeted' only, got plan {self.plan!r}")
         if self.cf_attribute not in CF_ATTRIBUTES: bad("cf_attribute", f"one of {CF_ATTRIBUTES}")
@@ -596,12 +598,22 @@ def _size_multiple(folder: Path) -> int|None:
         return f
     except (OSError, KeyError, TypeError, json.JSONDecodeError): return None
 
+def check_compiler(device: str|torch.device|None = None,  # where the model will run; None: the CPU
+                  ) -> None:
+    "Raise `LesionGenError` when `torch.compile` cannot build CPU kernels here: inductor needs a C++ compiler"
+    if torch.device(device or "cpu").type != "cpu": return  # CUDA kernels are Triton's
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")):
+        raise LesionGenError("compile=True needs a C++ compiler for torch.compile on the CPU (g++ or clang++ on PATH, or CXX); "
+                             "install one or sample without compile")
+
 def load_pipeline(path: str|Path,  # a model folder
                   kind: str|None = None,  # its `model_kind`; None: detect
                   base: str|None = None,  # LoRA: the SD base; None: from the run's config.json
                   device: str|torch.device|None = None,  # where to put the pipeline; None: the CPU
+                  compile: bool = False,  # wrap the UNet in `torch.compile` (compiled at its first call, once per batch shape)
                  ):  # a `LesionGenPipeline` or `StableDiffusionPipeline`, without progress bars
     "Load the model in `path` for sampling (safetensors only)"
+    if compile: check_compiler(device)
     from lesiongen import model as _model
     kind = kind or model_kind(path)
     if kind == "compact":
@@ -612,6 +624,7 @@ def load_pipeline(path: str|Path,  # a model folder
         pipe = _model.load_stable_diffusion(lora_base(path, base))
         _model.load_lora(pipe, path)
     if device is not None: pipe.to(device)
+    if compile: pipe.unet = torch.compile(pipe.unet)  # diffusers' recipe; `pipe.unet.config` still reads through
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -696,7 +709,7 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
 # %% ../nbs/07_generate.ipynb #280244a7
 META_COLUMNS: tuple[str, ...] = ("file_name", "image_id", "lesion_id", "dx", "fitzpatrick", *DERM7PT_CONCEPTS, "text",
                                  "seed", "scheduler", "steps", "guidance", "guidance_interval", "model", "model_hash", "plan")  # first columns of metadata.csv
-UNBOUND: tuple[str, ...] = ("out", "progress", "lora_base", "num_threads")  # GenConfig fields a re-run may change (lora_base is in the model hash)
+UNBOUND: tuple[str, ...] = ("out", "progress", "lora_base", "num_threads", "compile")  # GenConfig fields a re-run may change (lora_base is in the model hash; threads and compile only round differently)
 
 def _plan_label(cfg: GenConfig) -> str: return cfg.plan if cfg.plan in PLANS else f"csv:{Path(cfg.plan).name}"
 
@@ -712,6 +725,7 @@ def check_inputs(cfg: GenConfig,  # the dataset settings
         raise LesionGenError(f"the LoRA's base model {base!r} is not a diffusers folder (no model_index.json)")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir(): raise LesionGenError(f"out must be a folder, got the file {out}")
+    if cfg.compile: check_compiler("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.resolution is not None:
         m = _size_multiple(Path(base).expanduser() if base else Path(cfg.model))
         if m and cfg.resolution % m: raise LesionGenError(f"resolution={cfg.resolution} must be a multiple of {m} for this model")
@@ -910,7 +924,7 @@ def generate(cfg: GenConfig,  # the dataset settings
         if not cfg.progress:  # diffusers' and transformers' loading bars too
             import diffusers, transformers
             diffusers.utils.logging.disable_progress_bar(); transformers.utils.logging.disable_progress_bar()
-        pipe = load_pipeline(cfg.model, checked["kind"], checked["base"], device=state.device)
+        pipe = load_pipeline(cfg.model, checked["kind"], checked["base"], device=state.device, compile=cfg.compile)
         pipe.scheduler = make_scheduler(checked["scheduler"], pipe.scheduler, pixel_space=checked["kind"] == "compact")
         _note_truncation(pipe, plan["text"])
         bar = tqdm(total=n_new, desc="images", unit="img", disable=not (cfg.progress and state.is_local_main_process))

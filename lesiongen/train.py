@@ -759,9 +759,8 @@ def compute_loss(unet, batch: dict, noise_scheduler, cfg: TrainConfig,
     elif kind == "v_prediction": target = noise_scheduler.get_velocity(x0, noise, t)
     else: raise LesionGenError(f"unsupported prediction_type {kind!r}")
     kw = {} if batch["mask"] is None else {"encoder_attention_mask": batch["mask"]}
-    if (p := cfg.model_config.get("patch_size", 1)) > 1:  # a patched compact model: fold the input and the target alike
-        noisy, target = F.pixel_unshuffle(noisy, p), F.pixel_unshuffle(target, p)  # (the mean squared error is unchanged)
-    pred = unet(noisy.to(weight_dtype), t, encoder_hidden_states=batch["hidden"].to(weight_dtype), return_dict=False, **kw)[0]
+    pred = _model.unet_forward(unet, noisy.to(weight_dtype), t, cfg.model_config.get("patch_size", 1),  # a patched model folds and unfolds
+                               encoder_hidden_states=batch["hidden"].to(weight_dtype), **kw)
     if cfg.snr_gamma is None: return F.mse_loss(pred.float(), target.float(), reduction="mean")
     snr = compute_snr(noise_scheduler, t)
     w = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma))
