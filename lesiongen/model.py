@@ -371,8 +371,8 @@ def unet_forward(unet: UNet2DConditionModel,  # the compact UNet
                  **kwargs,  # passed to the UNet (`encoder_hidden_states`, `encoder_attention_mask`, ...)
                 ) -> torch.Tensor:  # the prediction in pixel space [B, C, H, W]
     "Run `unet` on a pixel-space sample, folding `patch_size`² pixels into channels before it and unfolding after"
-    if patch_size == 1: return unet(sample, timestep, **kwargs).sample
-    out = unet(torch.nn.functional.pixel_unshuffle(sample, patch_size), timestep, **kwargs).sample
+    if patch_size == 1: return unet(sample, timestep, return_dict=False, **kwargs)[0]  # diffusers pipelines' call
+    out = unet(torch.nn.functional.pixel_unshuffle(sample, patch_size), timestep, return_dict=False, **kwargs)[0]
     return torch.nn.functional.pixel_shuffle(out, patch_size)
 
 def compact_noise_scheduler(cfg: CompactConfig,  # the compact model's settings
