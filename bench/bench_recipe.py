@@ -24,11 +24,12 @@ is rendered), so the budget buys training steps.
 
 Every stage is skipped when its output exists (`--work DIR` is resumable); pass `--records/--captions`, `--run` or
 `--judges` to reuse data, a trained generator or trained judges (training time is then not measured).
-Sampling: the preset's sampler (SDE DPM-Solver++; at 32 px 6 steps with guidance in t/T [0.2, 0.6], two of the six
+Sampling: the preset's sampler (at 32 px SDE DPM-Solver++, 6 steps with guidance in t/T [0.2, 0.6], two of the six
 steps, which kept the adherence of [0.2, 0.8] at 8 UNet passes per image instead of 9,
-`bench/results/gen32_budget_sampler_intervals.csv`; at 64 px 6 steps guided at every step, as measured with
-bench_adherence.py; 5 steps were tried and lost 0.16 of streaks against the reference,
-`bench/results/gen64_recipe_budget_preset.csv`), and 25-step DPM-Solver++ at the
+`bench/results/gen32_budget_sampler_intervals.csv`; at 64 px deterministic DPM-Solver++, 8 steps guided at every step:
+on the model the 30-minute budget trains here, 5 and 6 SDE steps lost 0.16 and 0.145 of streaks against the
+reference and 8 SDE steps 0.10, while 8 DPM-Solver++ steps lost at most 0.01 on any measure,
+`bench/results/gen64_budget_sampler_adherence.csv`), and 25-step DPM-Solver++ at the
 same guidance for reference: the balanced plan is rendered and judged with both, and the fast sampler may lose at most
 0.05 on the preset's headline measures (issue 7). The UNet runs through `torch.compile` (`lesiongen generate
 --compile`; `--no-compile` samples eagerly): the first pass over the balanced plan compiles it for each batch shape and
@@ -61,7 +62,7 @@ PRESETS = {
                judge_resolution=32, train_minutes=15, img_s=20,
                sampler=("dpmpp_sde", 6, 4.0, (0.2, 0.6))),
     "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--checkpointing-steps", "500", "--balance-by", "dx"], steps=2100,
-               judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 6, 4.0, (0.0, 1.0))),
+               judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp", 8, 4.0, (0.0, 1.0))),
 }
 BUDGET_SHARE = 0.85  # of the training minutes: a long run's steps were 13-20% slower than the probes' (0.91 s vs 1.03-1.10 s at 64 px)
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
