@@ -15,13 +15,17 @@ are printed as `compile_s`.
 
 Usage: python bench/bench_sampling.py --model RUN --records records.csv [--n 128] [--threads 2] [--compile]
 """
-import argparse, time
+import argparse, sys, time
+from pathlib import Path
 
 import pandas as pd
 import torch
 
-from lesiongen.generate import balanced_plan, load_pipeline, make_scheduler, sample_images
-from lesiongen.model import guided_steps
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_adherence import render  # noqa: E402
+
+from lesiongen.generate import balanced_plan, load_pipeline  # noqa: E402
+from lesiongen.model import guided_steps  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +37,6 @@ def main(argv=None):
     if a.threads: torch.set_num_threads(a.threads)
     pipe = load_pipeline(a.model)
     plan = balanced_plan(a.records, a.n, seed=0)
-    texts, seeds = list(plan["text"]), list(plan["seed"])
     full = (0.0, 1.0)
     settings = [("dpmpp", 25, 3.0, 64, full), ("dpmpp_sde", 25, 3.0, 16, full), ("dpmpp_sde", 25, 3.0, 64, full),
                 ("dpmpp_sde", 10, 3.0, 64, full), ("dpmpp_sde", 10, 1.0, 64, full), ("dpmpp_sde", 10, 4.0, 64, (0.2, 0.8)),
@@ -41,10 +44,10 @@ def main(argv=None):
     if a.compile:
         settings = [("dpmpp_sde", 6, 4.0, 64, (0.2, 0.6)), ("dpmpp_sde", 6, 4.0, 64, full), ("dpmpp", 8, 4.0, 64, full),
                     ("dpmpp", 25, 4.0, 64, full)]
-    rows = [speed(pipe, texts, seeds, *s, unet="eager") for s in settings]
+    rows = [speed(pipe, plan, *s, unet="eager") for s in settings]
     if a.compile:
         pipe.unet = torch.compile(pipe.unet)
-        rows += [speed(pipe, texts, seeds, *s, unet="torch.compile", warm_up=True) for s in settings]
+        rows += [speed(pipe, plan, *s, unet="torch.compile", warm_up=True) for s in settings]
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     if a.compile:
@@ -52,27 +55,19 @@ def main(argv=None):
         print("\ntorch.compile / eager, img/s:\n" + (wide["torch.compile"] / wide["eager"]).round(2).to_string())
 
 
-def render(pipe, texts, seeds, steps, guidance, batch, interval) -> float:
-    "Render `texts` in batches; return the seconds"
-    t0 = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        sample_images(pipe, texts[i:i + batch], seeds[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                      guidance_interval=interval)
-    return time.perf_counter() - t0
-
-
-def speed(pipe, texts, seeds, sched, steps, guidance, batch, interval, unet: str, warm_up: bool = False) -> dict:
+def speed(pipe, plan, sched, steps, guidance, batch, interval, unet: str, warm_up: bool = False) -> dict:
     "img/s of one sampler setting on the plan's captions and seeds (after an untimed pass over them if `warm_up`)"
-    pipe.scheduler = make_scheduler(sched, pipe.scheduler, pixel_space=True)
-    compile_s = render(pipe, texts, seeds, steps, guidance, batch, interval) if warm_up else None
-    if not warm_up: sample_images(pipe, texts[:8], seeds[:8], num_inference_steps=2, guidance_scale=guidance)  # warm-up
-    pipe.scheduler.set_timesteps(steps)
+    t0 = time.perf_counter()
+    if warm_up: render(pipe, plan, sched, steps, guidance, batch, interval)  # builds the compiled kernels
+    else:  # a short warm-up of the eager model
+        render(pipe, plan.iloc[:8], sched, 2, guidance, batch)
+    compile_s = time.perf_counter() - t0 if warm_up else None
+    ips = render(pipe, plan, sched, steps, guidance, batch, interval)[1]
     evals = steps + (sum(guided_steps(pipe.scheduler.timesteps, pipe.scheduler.config.num_train_timesteps, interval))
                      if guidance > 1 else 0)
-    dt = render(pipe, texts, seeds, steps, guidance, batch, interval)
     row = dict(unet=unet, sampler=sched, steps=steps, guidance=guidance, interval="{:g}-{:g}".format(*interval), batch=batch,
-               threads=torch.get_num_threads(), unet_passes=evals, img_s=round(len(texts) / dt, 2),
-               unet_evals_s=round(len(texts) * evals / dt, 1), compile_s=None if compile_s is None else round(compile_s, 1))
+               threads=torch.get_num_threads(), unet_passes=evals, img_s=round(ips, 2), unet_evals_s=round(ips * evals, 1),
+               compile_s=None if compile_s is None else round(compile_s, 1))
     print(row, flush=True)
     return row
 

@@ -371,9 +371,9 @@ def unet_forward(unet: UNet2DConditionModel,  # the compact UNet
                  **kwargs,  # passed to the UNet (`encoder_hidden_states`, `encoder_attention_mask`, ...)
                 ) -> torch.Tensor:  # the prediction in pixel space [B, C, H, W]
     "Run `unet` on a pixel-space sample, folding `patch_size`² pixels into channels before it and unfolding after"
-    if patch_size == 1: return unet(sample, timestep, return_dict=False, **kwargs)[0]  # diffusers pipelines' call
-    out = unet(torch.nn.functional.pixel_unshuffle(sample, patch_size), timestep, return_dict=False, **kwargs)[0]
-    return torch.nn.functional.pixel_shuffle(out, patch_size)
+    if patch_size > 1: sample = torch.nn.functional.pixel_unshuffle(sample, patch_size)
+    out = unet(sample, timestep, return_dict=False, **kwargs)[0]  # as diffusers pipelines call it
+    return torch.nn.functional.pixel_shuffle(out, patch_size) if patch_size > 1 else out
 
 def compact_noise_scheduler(cfg: CompactConfig,  # the compact model's settings
                            ) -> DDPMScheduler:  # the training scheduler (adds noise; also a 1000-step ancestral sampler)
