@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, logging, math, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -127,12 +127,14 @@ def load_images(paths: Sequence[str|Path],  # image files
 
 def record_truth(records: pd.DataFrame,     # records (`core.RECORD_COLUMNS`) or a plan / manifest with the same columns
                  attributes: Sequence[str],  # judged attributes
+                 presence: Collection[str] = (),  # concepts whose judge tells only absent / present (`Judges.presence`)
                 ) -> pd.DataFrame:           # one column per scored attribute (concept presence added)
     "Take the true (or prompted) labels of `attributes` from `records`"
     out = pd.DataFrame({a: records[a].reset_index(drop=True) if a in records else pd.Series([None] * len(records))
                         for a in attributes})
     for a in attributes:
         if a in DERM7PT_CONCEPTS: out[a + PRESENCE] = presence_of(out[a])
+        if a in presence: out[a] = out[a + PRESENCE]  # a presence judge is scored on presence only
     return out
 
 def real_reference(judges,                        # `classify.Judges`
@@ -154,7 +156,7 @@ def real_reference(judges,                        # `classify.Judges`
     if max_images is not None and len(df) > max_images: df = df.sample(max_images, random_state=seed)
     attributes = list(attributes or judges.attributes)
     images = load_images([root / f for f in df["file_name"]], judges.resolution, progress)
-    return score_labels(record_truth(df, attributes), judge_images(judges, images, attributes))
+    return score_labels(record_truth(df, attributes, getattr(judges, "presence", ())), judge_images(judges, images, attributes))
 
 # %% ../nbs/07a_adherence.ipynb #5df1ea28
 def image_itas(images) -> np.ndarray:
@@ -215,7 +217,7 @@ def adherence(judges,                         # `classify.Judges`
     attributes = [a for a in (attributes or judges.attributes) if a in prompted.columns]
     if not attributes: raise LesionGenError(f"prompted has none of the judged attributes {list(judges.attributes)}")
     judged = judge_images(judges, images, attributes)
-    s = score_labels(record_truth(prompted, attributes), judged)
+    s = score_labels(record_truth(prompted, attributes, getattr(judges, "presence", ())), judged)
     table, by_value = s.table.copy(), s.by_value.copy()
     if reference is not None:
         ref = reference.table.set_index("attribute")
@@ -271,7 +273,8 @@ def counterfactual_control(judges,                  # `classify.Judges`
         for _, g in sub.groupby("lesion_id", sort=False):
             idx = list(g.index)
             if key is not None:
-                follow += [_label(plan.at[i, cf]) == judged.at[i, key] for i in idx]
+                asked = _presence if cf in getattr(judges, "presence", ()) else _label  # a presence judge answers absent / present
+                follow += [asked(plan.at[i, cf]) == judged.at[i, key] for i in idx]
             if pkey is not None:
                 ok = [_presence(plan.at[i, cf]) == judged.at[i, pkey] for i in idx]
                 presence += ok

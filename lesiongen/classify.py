@@ -68,6 +68,8 @@ class JudgeConfig:
     augment: bool = True             # random flips, 90-degree rotations and small shifts (never colour: colour is signal)
     max_shift: float = 0.0625        # largest random shift as a share of `resolution`, [0, 0.5)
     class_weighting: bool = True     # weight the cross-entropy by inverse class frequency in the training split
+    presence: bool = False           # judge each Derm7pt concept as `absent` / `present` (one binary judge per concept,
+                                     # the question of concept-presence adherence) instead of by its values
     patience: int|None = 15          # stop after this many epochs without a better valid balanced accuracy (best weights kept); None: run all epochs
     train_split: str = "train"       # split the judges learn from
     valid_split: str|None = "valid"  # split for early stopping and model selection; None: no early stopping, last epoch kept
@@ -90,6 +92,7 @@ class JudgeConfig:
             if unknown := [a for a in self.attributes if a not in JUDGE_ATTRIBUTES]:
                 raise LesionGenError(f"unknown attribute {unknown[0]!r}; judges exist for {', '.join(JUDGE_ATTRIBUTES)}")
             if len(set(self.attributes)) != len(self.attributes): bad("attributes", "free of duplicates")
+        if not isinstance(self.presence, bool): bad("presence", "true or false")
         if not isinstance(self.backbone, str) or not self.backbone.strip(): bad("backbone", "`resnet`, `convnext`, a folder or a hub id")
         backbone_kind(self.backbone)
         self.hidden_sizes, self.depths = tuple(self.hidden_sizes), tuple(self.depths)
@@ -160,25 +163,29 @@ def build_judge(cfg: JudgeConfig,  # the settings (backbone and architecture fie
                              f"(nothing is downloaded): {str(e).splitlines()[0]}") from None
 
 # %% ../nbs/06_classify.ipynb #8b9aa082
-def _label_value(attribute: str, v):
-    "The judge's label of a record value: an int Fitzpatrick group or a string"
-    return int(v) if attribute == "fitzpatrick" else str(v)
+def _label_value(attribute: str, v, presence: bool = False):
+    "The judge's label of a record value: an int Fitzpatrick group, `absent`/`present` for a presence judge, or a string"
+    if attribute == "fitzpatrick": return int(v)
+    if presence and attribute in DERM7PT_CONCEPTS: return "absent" if str(v) == "absent" else "present"
+    return str(v)
 
 def known_labels(records: pd.DataFrame,  # records with an `attribute` column
                  attribute: str,         # one of `JUDGE_ATTRIBUTES`
+                 presence: bool = False,  # a concept's values as `absent` / `present` (`JudgeConfig.presence`)
                 ) -> pd.Series:  # the known values (int Fitzpatrick groups, else strings), indexed like `records`
     "Return the known values of `attribute` in `records` (missing dropped), as judge labels"
     col = records[attribute]
     keep = [not is_missing(v) and not (isinstance(v, float) and math.isnan(v)) for v in col]
-    return pd.Series([_label_value(attribute, v) for v in col[keep]], index=col.index[keep], dtype=object)
+    return pd.Series([_label_value(attribute, v, presence) for v in col[keep]], index=col.index[keep], dtype=object)
 
 def label_maps(train: pd.DataFrame,   # training rows
                attributes: Sequence[str],
+               presence: bool = False,  # concepts as `absent` / `present` (`JudgeConfig.presence`)
               ) -> tuple[dict, dict]:  # (attribute -> sorted labels, attribute -> reason skipped)
     "Find each attribute's label set in `train`, skipping attributes with fewer than 2 distinct values"
     maps, skipped = {}, {}
     for a in attributes:
-        vals = known_labels(train, a)
+        vals = known_labels(train, a, presence)
         labels = sorted(set(vals))
         if len(labels) < 2:
             skipped[a] = f"{len(labels)} distinct value(s) in {len(vals)} labelled training row(s); a judge needs 2"
@@ -443,6 +450,7 @@ class Judges:
         self.attributes: list[str] = list(info["attributes"])
         self.resolution: int = int(info["resolution"])
         self.normalisation: dict = info["normalisation"]
+        self.presence: set[str] = set(info.get("presence") or ())  # concepts judged as absent / present (`JudgeConfig.presence`)
         self._labels = {a: [_label_value(a, v) for v in info["labels"][a]] for a in self.attributes}
         temps = info.get("temperature") or {}  # judges written before calibration have none: T = 1
         self.temperature: dict[str, float] = {a: float(temps.get(a) or 1.0) for a in self.attributes}
@@ -521,7 +529,7 @@ class Judges:
         out = []
         for a in attributes:
             if a not in rows.columns: raise LesionGenError(f"records have no {a!r} column")
-            vals = known_labels(rows, a)
+            vals = known_labels(rows, a, a in self.presence)
             if not len(vals):
                 out.append(dict(attribute=a, n=0, accuracy=np.nan, balanced_accuracy=np.nan, macro_f1=np.nan)); continue
             pos = torch.from_numpy(rows.index.get_indexer(vals.index))
@@ -543,7 +551,7 @@ class Judges:
         out = {}
         for a in attributes:
             if a not in rows.columns: raise LesionGenError(f"records have no {a!r} column")
-            pos, y = _indices(rows, a, self._labels[a])
+            pos, y = _indices(rows, a, self._labels[a], a in self.presence)
             out[a] = (predict_logits(self.models[a], x[torch.from_numpy(pos)], self.normalisation), y)
         return out
 
@@ -601,7 +609,7 @@ class Judges:
         from sklearn.metrics import confusion_matrix
         self._check_attributes([attribute])
         rows, x = self._split_rows(records, split, data_root)
-        vals = known_labels(rows, attribute)
+        vals = known_labels(rows, attribute, attribute in self.presence)
         pos = torch.from_numpy(rows.index.get_indexer(vals.index))
         pred = [self._labels[attribute][i] for i in self.predict_proba(x[pos], [attribute])[attribute].argmax(1)]
         labels = self._labels[attribute] + sorted(set(vals) - set(self._labels[attribute]))
@@ -637,7 +645,7 @@ def check_judge_inputs(records,            # `records.csv` path or a records Dat
         for a in attributes:
             if a not in df.columns: raise LesionGenError(f"attribute {a!r} is not a column of the records")
             if not len(known_labels(df, a)): raise LesionGenError(f"attribute {a!r} has no known value in the records")
-    maps, skipped = label_maps(train, attributes)
+    maps, skipped = label_maps(train, attributes, cfg.presence)
     if not maps: raise LesionGenError(f"no attribute has 2 distinct values in the {cfg.train_split!r} split: " +
                                       "; ".join(f"{a}: {r}" for a, r in skipped.items()))
     kind = backbone_kind(cfg.backbone)
@@ -650,9 +658,9 @@ def check_judge_inputs(records,            # `records.csv` path or a records Dat
     _check_files(used, root)
     return dict(records=df, path=path, train=train, valid=valid, maps=maps, skipped=skipped, root=root, kind=kind)
 
-def _indices(df: pd.DataFrame, attribute: str, labels: list) -> tuple[np.ndarray, torch.Tensor]:
+def _indices(df: pd.DataFrame, attribute: str, labels: list, presence: bool = False) -> tuple[np.ndarray, torch.Tensor]:
     "Positions (in `df`) of rows with a label in `labels`, and their class indices"
-    vals = known_labels(df, attribute)
+    vals = known_labels(df, attribute, presence)
     lut = {l: i for i, l in enumerate(labels)}
     keep = [i for i, v in zip(vals.index, vals) if v in lut]
     pos = df.index.get_indexer(keep)
@@ -686,7 +694,8 @@ good as its accuracy on real held-out images (`Judges.evaluate`), so adherence s
   {selection};
   up to {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['learning_rate']} (cosine), weight decay {cfg['weight_decay']},
   augmentation {'flips, 90-degree rotations and shifts (no colour changes)' if cfg['augment'] else 'off'},
-  class weighting {'inverse frequency' if cfg['class_weighting'] else 'off'}, seed {cfg['seed']}.
+  class weighting {'inverse frequency' if cfg['class_weighting'] else 'off'}, seed {cfg['seed']}{
+  '; each concept judged as absent / present (`presence=True`), not by its values' if cfg.get('presence') else ''}.
 - Probabilities are temperature-scaled: one temperature per judge, fitted on the valid split by minimising the NLL
   (`predict_proba(..., calibrated=True)`, the default); the table gives it with the valid expected calibration
   error (ECE, 10 bins) before → after scaling. Scaling never changes a predicted class.
@@ -733,9 +742,9 @@ def train_judges(records,                  # `records.csv` path or a records Dat
         try:
             summary, models, temps = {}, {}, {}
             for a, labels in maps.items():
-                pt, yt = _indices(train, a, labels)
+                pt, yt = _indices(train, a, labels, cfg.presence)
                 if valid is not None:
-                    pv, yv = _indices(valid, a, labels)
+                    pv, yv = _indices(valid, a, labels, cfg.presence)
                     if not len(pv): logger.warning("no %r rows with a known %s: the %s judge trains without early stopping", cfg.valid_split, a, a)
                     xv = x_valid[torch.from_numpy(pv)] if len(pv) else None
                 else: xv, yv = None, None
@@ -752,6 +761,7 @@ def train_judges(records,                  # `records.csv` path or a records Dat
             path = checked["path"]
             info = dict(format="lesiongen-judges", version=1, attributes=list(maps), resolution=cfg.resolution,
                         normalisation=norm, labels={a: list(l) for a, l in maps.items()}, skipped=checked["skipped"],
+                        presence=[a for a in maps if cfg.presence and a in DERM7PT_CONCEPTS],
                         config=asdict(cfg), temperature=temps, summary=summary,
                         records=dict(path=None if path is None else str(path.resolve()),
                                      sha256=_records_sha256(checked["records"], path), n_rows=len(checked["records"])),
@@ -789,6 +799,12 @@ def _concept_attributes(judges: Judges, attributes) -> list[str]:
             raise LesionGenError(f"attribute {a!r} is not a Derm7pt concept; pseudo-labels fill {', '.join(DERM7PT_CONCEPTS)}")
     if len(set(attributes)) != len(attributes): raise LesionGenError(f"attributes must be free of duplicates, got {attributes}")
     return judges._check_attributes(attributes)
+
+def _check_valued(judges: Judges, attributes: Sequence[str]) -> None:
+    "Pseudo-labels fill concept values: refuse judges that only tell absent from present"
+    if bad := [a for a in attributes if a in judges.presence]:
+        raise LesionGenError(f"the {bad[0]} judge tells only absent from present (trained with presence=True); "
+                             "pseudo-labels need judges of the concept's values")
 
 def _check_pseudo_out(out, path: Path|None) -> Path|None:
     if out is None: return None
@@ -837,6 +853,7 @@ def pseudolabel(records,                       # `records.csv` path or a records
     out = _check_pseudo_out(out, path)
     if not isinstance(judges, Judges): judges = Judges.load(judges)
     attributes = _concept_attributes(judges, attributes)
+    _check_valued(judges, attributes)
     annotated = _annotated(df)
     todo = np.flatnonzero(~annotated)
     if uncal := [a for a in attributes if a not in (judges.info.get("temperature") or {})]:
@@ -901,6 +918,7 @@ def pseudolabel_accuracy(records,                # `records.csv` path or a recor
     thresholds = [_check_min_confidence(t) for t in thresholds]
     if not isinstance(judges, Judges): judges = Judges.load(judges)
     attributes = _concept_attributes(judges, attributes)
+    _check_valued(judges, attributes)
     rows, x = judges._split_rows(records, split, data_root)
     if missing := [a for a in attributes if a not in rows.columns]: raise LesionGenError(f"records have no {missing[0]!r} column")
     proba = judges.predict_proba(x, attributes)
