@@ -191,7 +191,8 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="sample with the eager UNet (default: torch.compile, timed apart)")
     p.add_argument("--model-config", help="a JSON file of CompactConfig fields replacing the preset's architecture "
                                            "(e.g. bench/recipes/compact64_patch2.json)")
-    p.add_argument("--judge-seeds", type=int, default=1, help="64 px: concept judges at seeds 0..K-1; concept rows give their mean, min and max")
+    p.add_argument("--judge-seeds", type=int, default=1, help="judges of the headline attributes at seeds 0..K-1 (32 px: dx, fitzpatrick; 64 px: the concepts); "
+                                                                 "extra rows give each headline measure's mean, min and max")
     p.add_argument("--presence-judges", action="store_true", help="64 px: also read the concepts with absent/present judges (JudgeConfig(presence=True))")
     p.add_argument("--steps", default="budget",
                    help="training steps: 'budget' (what the preset's minutes buy on this machine, measured) or a number")
