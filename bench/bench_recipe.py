@@ -74,8 +74,8 @@ PRESETS = {
 }
 BUDGET_SHARE = 0.85  # of the training minutes: a long run's steps were 13-20% slower than the probes' (0.91 s vs 1.03-1.10 s at 64 px)
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
-HEADLINE = {"32": (("dx", "relative_balanced"), ("fitzpatrick", "within_one")),  # (attribute, measure) of each preset's targets
-            "64": tuple((c, "presence") for c in CONCEPTS64)}
+HEADLINE = {"32": (("dx", "relative_balanced", 0.9), ("fitzpatrick", "within_one", 0.9)),  # (attribute, measure, target) of each preset
+            "64": tuple((c, "presence", 0.7) for c in CONCEPTS64)}
 
 
 def cli(*args: str) -> None:
@@ -166,14 +166,14 @@ def judge_readings(sets: dict, images, plan: pd.DataFrame, records: Path, headli
     rows = []
     for name, js in sets.items():
         for seed, j in enumerate(js):
-            atts = [a for a, _ in headline if a in j.attributes]
+            atts = [a for a, _, _ in headline if a in j.attributes]
             ref = real_reference(j, records, split="test", attributes=atts)
             t = adherence(j, images, plan, ref, attributes=atts, ita=False).table.set_index("attribute")
-            for a, measure in headline:
+            for a, measure, goal in headline:
                 if a not in atts: continue
                 k = a + ":presence" if measure == "presence" and a not in j.presence else a
                 col = "balanced_agreement" if measure == "presence" else measure
-                rows.append(dict(judges=name, seed=seed, attribute=a, measure=measure, generated=t.loc[k, col],
+                rows.append(dict(judges=name, seed=seed, attribute=a, measure=measure, target=goal, generated=t.loc[k, col],
                                  real=t.loc[k, "real_balanced_agreement"]))
     return pd.DataFrame(rows)
 
@@ -236,8 +236,8 @@ def main(argv=None):
     cc = counterfactual_control(judges, render(pipe, cf, sched, steps, g, a.batch, guidance_interval=interval)[0], cf).iloc[0]
     concept_cf = concept_switches(judges, pipe, records, a.concept_cf, preset["sampler"], a.batch) if a.preset == "64" else None
     spread = a.judge_seeds > 1 or a.presence_judges
-    headline = [(att, m) for att, m in HEADLINE[a.preset] if att in judges.attributes]
-    readings = judge_readings(judge_sets(work, jdir, judges, records, [att for att, _ in headline], a.judge_seeds,
+    headline = [h for h in HEADLINE[a.preset] if h[0] in judges.attributes]
+    readings = judge_readings(judge_sets(work, jdir, judges, records, [h[0] for h in headline], a.judge_seeds,
                                          a.presence_judges, a.threads), imgs, plan, records, headline) if spread else None
     # the reference: 25-step DPM-Solver++ at the same guidance, every step; the fast sampler may lose at most 0.05
     imgs25, ips25 = render(pipe, plan, "dpmpp", 25, g, a.batch)
@@ -275,11 +275,10 @@ def main(argv=None):
             rows.append((f"{c} switched off/on with one seed, share of lesions", r["lesions_switched"], "", None))
     table = pd.DataFrame(rows, columns=["measure", "value", "target", "met"])
     if readings is not None:  # the headline rows again, over judge seeds (and judge kinds)
-        g = readings.groupby(["judges", "attribute", "measure"], sort=False)
+        g = readings.groupby(["judges", "attribute", "measure", "target"], sort=False)
         agg = g["generated"].agg(["mean", "min", "max"]).join(g["real"].mean().rename("real")).reset_index()
-        goal = 0.9 if a.preset == "32" else 0.7
         extra = [(f"{r.attribute} {r.measure}, {r.judges} judges, mean of {a.judge_seeds} seeds (judges' real balanced "
-                  f"agreement {r.real:.2f}; min {r['min']:.3f}, max {r['max']:.3f})", r["mean"], f">= {goal}", r["mean"] >= goal)
+                  f"agreement {r.real:.2f}; min {r['min']:.3f}, max {r['max']:.3f})", r["mean"], f">= {r.target}", r["mean"] >= r.target)
                  for _, r in agg.iterrows()]
         table = pd.concat([table, pd.DataFrame(extra, columns=table.columns)], ignore_index=True)
     print(f"\npreset {a.preset}: run {run}, judges {jdir}, {len(plan)} balanced + {len(cf)} counterfactual images")
