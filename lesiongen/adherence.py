@@ -11,6 +11,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from fairlearn.metrics import MetricFrame, count
 from PIL import Image
 from scipy.stats import chi2_contingency
@@ -20,12 +21,14 @@ from tqdm.auto import tqdm
 from .core import (DERM7PT_CONCEPTS, FITZPATRICK_ROMAN, RESEARCH_ONLY, LesionGenError, atomic_write_bytes,
                             atomic_write_csv, atomic_write_json, fitzpatrick_from_ita)
 from .data import estimate_ita, is_missing, read_records
+from .llm import read_captions
 from .train import data_root_of, load_image
 
 # %% auto #0
 __all__ = ['logger', 'PRESENCE', 'presence_of', 'scored_attributes', 'judge_images', 'Scores', 'score_labels', 'load_images',
            'record_truth', 'real_reference', 'image_itas', 'skin_tone_check', 'AdherenceReport', 'adherence',
-           'prompt_blind', 'counterfactual_control', 'read_generated', 'set_adherence', 'plot_adherence']
+           'prompt_blind', 'counterfactual_control', 'read_generated', 'set_adherence', 'plot_adherence',
+           'regeneration', 'plot_regeneration']
 
 # %% ../nbs/07a_adherence.ipynb #d1f3d4ac
 logger = logging.getLogger(__name__)
@@ -341,3 +344,82 @@ def plot_adherence(report: AdherenceReport,  # from `adherence`
     ax.tick_params(axis="x", rotation=45); [l.set_ha("right") for l in ax.get_xticklabels()]
     ax.legend(loc="lower right", fontsize=8)
     return ax.figure
+
+# %% ../nbs/07a_adherence.ipynb #a382ffdb
+def _start_timestep(pipe, steps: int, strength: float) -> float:
+    "The first timestep img2img denoises from at `strength` (NaN for a pipeline without a scheduler)"
+    import copy
+    sch = getattr(pipe, "scheduler", None)
+    if sch is None: return float("nan")
+    sch = copy.deepcopy(sch); sch.set_timesteps(steps)
+    return float(sch.timesteps[(steps - int(steps * strength)) * getattr(sch, "order", 1)])
+
+def _captioned(df: pd.DataFrame, captions) -> pd.DataFrame:
+    "Attach each record's caption as `text` (from `captions`, a `captions.jsonl` or a DataFrame, or the records' own column)"
+    if captions is not None:
+        caps = captions if isinstance(captions, pd.DataFrame) else read_captions(captions)
+        df = df.drop(columns=["text"], errors="ignore").merge(caps[["image_id", "text"]], on="image_id", how="left")
+    elif "text" not in df.columns: raise LesionGenError("pass captions, or records with a text column")
+    if missing := df["image_id"][df["text"].map(is_missing)].tolist():
+        raise LesionGenError(f"{len(missing)} record(s) have no caption, e.g. image_id {missing[0]}")
+    return df
+
+def regeneration(judges,                        # `classify.Judges`
+                 pipe,                          # img2img pipeline: `LesionGenPipeline` or `StableDiffusionImg2ImgPipeline`
+                 records,                       # records DataFrame or `records.csv` path, with real images
+                 captions=None,                 # `captions.jsonl` (path or DataFrame) of those records; None: a `text` column
+                 strengths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),  # noise levels, each in (0, 1]
+                 split: str = "test",           # split of real held-out images
+                 data_root: str|Path|None = None,  # dataset root; None: from `curation_report.json` beside the records
+                 attributes: Sequence[str]|None = None,  # None: all of the judges'
+                 max_images: int|None = None,   # at most this many images (seeded sample), None: all
+                 num_inference_steps: int = 25,  # sampler steps of the full schedule (strength 1)
+                 guidance_scale: float = 3.0,   # classifier-free guidance weight
+                 resolution: int|None = None,   # px of the images given to `pipe`; None: `pipe.resolution`, else the judges'
+                 batch_size: int = 32,          # images per pipeline call
+                 seed: int = 0,                 # image i is noised with a generator seeded `seed + i`, the same at every strength
+                 progress: bool = False,
+                ) -> pd.DataFrame:              # one row per (strength, attribute): timestep, n, chance, agreement, balanced_agreement
+    "Noise real held-out images to each strength, let `pipe` finish them with their own caption, and score what the judges see"
+    strengths = [float(s) for s in strengths]
+    if not strengths or any(not 0 < s <= 1 for s in strengths): raise LesionGenError(f"strengths must lie in (0, 1], got {strengths}")
+    path = None if isinstance(records, pd.DataFrame) else Path(records)
+    df = records if path is None else read_records(path)
+    root = Path(data_root) if data_root is not None else data_root_of(path) if path is not None else None
+    if root is None: raise LesionGenError("pass data_root with a records DataFrame")
+    df = df[df["split"] == split]
+    if df.empty: raise LesionGenError(f"no records in split {split!r}")
+    if max_images is not None and len(df) > max_images: df = df.sample(max_images, random_state=seed)
+    df = _captioned(df.reset_index(drop=True), captions)
+    attributes = list(attributes or judges.attributes)
+    res = resolution or getattr(pipe, "resolution", None) or judges.resolution
+    real = load_images([root / f for f in df["file_name"]], res, progress)
+    truth = record_truth(df, attributes, getattr(judges, "presence", ()))
+    def scored(images, strength: float) -> pd.DataFrame:
+        t = score_labels(truth, judge_images(judges, images, attributes)).table
+        t0 = 0.0 if strength == 0 else _start_timestep(pipe, num_inference_steps, strength)
+        return t.assign(strength=strength, timestep=t0)[["strength", "timestep", "attribute", "n", "chance", "agreement",
+                                                         "balanced_agreement"]]
+    tables = [scored(real, 0.0)]
+    for s in tqdm(strengths, desc="strengths", disable=not progress):
+        out = []
+        for b in range(0, len(df), batch_size):
+            idx = range(b, min(b + batch_size, len(df)))
+            imgs = pipe(prompt=[df.at[i, "text"] for i in idx], image=real[b:idx.stop].astype(np.float32) / 255,
+                        strength=s, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        generator=[torch.Generator().manual_seed(seed + i) for i in idx], output_type="np").images
+            out.append((np.clip(np.asarray(imgs), 0, 1) * 255).round().astype(np.uint8))
+        tables.append(scored(np.concatenate(out), s))
+    return pd.concat(tables, ignore_index=True)
+
+def plot_regeneration(table: pd.DataFrame,  # from `regeneration`
+                      ax=None,              # matplotlib axes; None: a new figure
+                      title: str = "What the model keeps of real images it is asked to finish",
+                     ):
+    "Balanced agreement of each attribute against the noise level real images were regenerated from"
+    import matplotlib.pyplot as plt, seaborn as sns
+    if ax is None: _, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(table, x="strength", y="balanced_agreement", hue="attribute", marker="o", ax=ax)
+    ax.set_xlabel("strength (0: the real image, 1: from pure noise)"); ax.set_ylabel("balanced agreement")
+    ax.set_ylim(0, 1); ax.set_title(title, fontsize=10); ax.legend(fontsize=7, ncol=2)
+    return ax

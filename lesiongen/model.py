@@ -590,7 +590,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_inference_steps: int,
                      guidance_scale: float, num_images_per_prompt: int, prompt_embeds, negative_prompt_embeds,
-                     output_type: str, generator) -> None:
+                     output_type: str, generator, image=None, strength: float = 1.0) -> None:
         "Raise `LesionGenError` naming the first bad argument"
         if (prompt is None) == (prompt_embeds is None): raise LesionGenError("pass exactly one of prompt or prompt_embeds")
         if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
@@ -617,6 +617,26 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if output_type not in ("pil", "np", "pt"): raise LesionGenError(f"output_type must be pil, np or pt, got {output_type!r}")
         if isinstance(generator, list) and len(generator) != b * num_images_per_prompt:
             raise LesionGenError(f"{len(generator)} generators for {b * num_images_per_prompt} images")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise LesionGenError(f"strength must be in (0, 1], got {strength!r}")
+        if image is not None and int(num_inference_steps * strength) < 1:
+            raise LesionGenError(f"strength={strength} of num_inference_steps={num_inference_steps} leaves no denoising step")
+
+    def prepare_image(self, image,  # PIL image(s), np [B, H, W, 3] or torch [B, 3, H, W], values in [0, 1]
+                      n: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
+                     ) -> torch.Tensor:  # [n, 3, height, width] in [-1, 1]
+        "Turn the starting images of img2img into pixel-space samples, checking their count and size"
+        x = self.image_processor.preprocess(image)
+        if x.shape[0] != n: raise LesionGenError(f"image has {x.shape[0]} images for {n} generated images")
+        if tuple(x.shape[-2:]) != (height, width):
+            raise LesionGenError(f"image is {x.shape[-1]}x{x.shape[-2]} px but the pipeline draws {width}x{height}")
+        return x.to(device=device, dtype=dtype)
+
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        "The last `int(num_inference_steps * strength)` steps of the schedule, as diffusers' img2img pipelines take them"
+        t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        if hasattr(self.scheduler, "set_begin_index"): self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        return self.scheduler.timesteps[t_start * self.scheduler.order:]
 
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
                         generator, latents: torch.Tensor|None = None) -> torch.Tensor:
@@ -638,6 +658,8 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  num_images_per_prompt: int = 1,  # images per caption
                  generator: torch.Generator|list[torch.Generator]|None = None,  # one, or one per image
                  latents: torch.Tensor|None = None,  # initial noise (B*n, C, H, W); None: drawn from `generator`
+                 image=None,  # img2img (SDEdit): images to start from, one per generated image (PIL, np or torch in [0, 1])
+                 strength: float = 1.0,  # with `image`: how far along the noise schedule it is noised first, in (0, 1]
                  prompt_embeds: torch.Tensor|None = None,  # precomputed caption embeddings (B, T, D), instead of `prompt`
                  prompt_attention_mask: torch.Tensor|None = None,  # mask of `prompt_embeds` (B, T); None: all tokens
                  negative_prompt_embeds: torch.Tensor|None = None,  # precomputed unconditional embeddings
@@ -649,7 +671,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         height, width = height or self.resolution, width or self.resolution
         # 1. Check inputs
         self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, output_type, generator)
+                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, output_type, generator, image, strength)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
@@ -676,11 +698,14 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps = self.scheduler.timesteps if image is None else self.get_timesteps(num_inference_steps, strength)
         guided = [do_cfg and g for g in guided_steps(timesteps, self.scheduler.config.num_train_timesteps, interval)]
 
-        # 4. Initial noise in pixel space: the image is the "latent"
+        # 4. Initial noise in pixel space: the image is the "latent"; img2img noises the given images to the first step
         x = self.prepare_latents(n, height, width, self.unet.dtype, device, generator, latents)
+        if image is not None:
+            x0 = self.prepare_image(image, n, height, width, self.unet.dtype, device)
+            x = self.scheduler.add_noise(x0, x / self.scheduler.init_noise_sigma, timesteps[:1].repeat(n))
 
         # 5. Denoising loop
         # stochastic samplers draw their noise from `generator`, so the same seeds give the same images
