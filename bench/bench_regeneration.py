@@ -45,7 +45,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         t = regeneration(judges, pipe, a.records, a.captions, a.strengths, max_images=a.n, num_inference_steps=int(steps),
                          guidance_scale=a.guidance, batch_size=a.batch, seed=a.seed, progress=True)
-        t = t.assign(model=str(run), sampler=a.sampler, guidance=a.guidance)
+        t = t.assign(model=f"{run.parent.name}/{run.name}", sampler=a.sampler, guidance=a.guidance)
         tables.append(t)
         wide = t.pivot_table(index="attribute", columns=["strength", "timestep"], values="balanced_agreement", sort=False)
         print(f"\n{run} ({a.sampler}, guidance {a.guidance:g}; {time.perf_counter() - t0:.0f} s): balanced agreement with the "
