@@ -676,6 +676,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
         device, do_cfg = self._execution_device, guidance_scale > 1.0
+        x0 = None if image is None else self.prepare_image(image, n, height, width, self.unet.dtype, device)  # checked before any work
         interval = check_guidance_interval(guidance_interval)
 
         # 2. Encode the prompts (and the unconditional prompt for guidance)
@@ -703,9 +704,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 4. Initial noise in pixel space: the image is the "latent"; img2img noises the given images to the first step
         x = self.prepare_latents(n, height, width, self.unet.dtype, device, generator, latents)
-        if image is not None:
-            x0 = self.prepare_image(image, n, height, width, self.unet.dtype, device)
-            x = self.scheduler.add_noise(x0, x / self.scheduler.init_noise_sigma, timesteps[:1].repeat(n))
+        if x0 is not None: x = self.scheduler.add_noise(x0, x / self.scheduler.init_noise_sigma, timesteps[:1].repeat(n))
 
         # 5. Denoising loop
         # stochastic samplers draw their noise from `generator`, so the same seeds give the same images
