@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_adherence.ipynb #40588b73
 from __future__ import annotations
-import json, logging, math, warnings
+import copy, json, logging, math, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Sequence
@@ -26,8 +26,8 @@ from .train import data_root_of, load_image
 
 # %% auto #0
 __all__ = ['logger', 'PRESENCE', 'presence_of', 'scored_attributes', 'judge_images', 'Scores', 'score_labels', 'load_images',
-           'record_truth', 'real_reference', 'image_itas', 'skin_tone_check', 'AdherenceReport', 'adherence',
-           'prompt_blind', 'counterfactual_control', 'read_generated', 'set_adherence', 'plot_adherence',
+           'record_truth', 'held_out_rows', 'real_reference', 'image_itas', 'skin_tone_check', 'AdherenceReport',
+           'adherence', 'prompt_blind', 'counterfactual_control', 'read_generated', 'set_adherence', 'plot_adherence',
            'regeneration', 'plot_regeneration']
 
 # %% ../nbs/07a_adherence.ipynb #d1f3d4ac
@@ -140,6 +140,22 @@ def record_truth(records: pd.DataFrame,     # records (`core.RECORD_COLUMNS`) or
         if a in presence: out[a] = out[a + PRESENCE]  # a presence judge is scored on presence only
     return out
 
+def held_out_rows(records,                  # records DataFrame or `records.csv` path
+                  split: str = "test",      # split of real held-out images
+                  data_root: str|Path|None = None,  # dataset root; None: from `curation_report.json` beside the records
+                  max_images: int|None = None,  # at most this many rows (seeded sample), None: all
+                  seed: int = 0,
+                 ) -> tuple[pd.DataFrame, Path]:  # (the rows, the dataset root their `file_name`s are under)
+    "The records of `split` (optionally a seeded sample) and their dataset root"
+    path = None if isinstance(records, pd.DataFrame) else Path(records)
+    df = records if path is None else read_records(path)
+    root = Path(data_root) if data_root is not None else data_root_of(path) if path is not None else None
+    if root is None: raise LesionGenError("pass data_root with a records DataFrame")
+    df = df[df["split"] == split]
+    if df.empty: raise LesionGenError(f"no records in split {split!r}")
+    if max_images is not None and len(df) > max_images: df = df.sample(max_images, random_state=seed)
+    return df, root
+
 def real_reference(judges,                        # `classify.Judges`
                    records,                       # records DataFrame or `records.csv` path
                    split: str = "test",           # split of real held-out images
@@ -150,13 +166,7 @@ def real_reference(judges,                        # `classify.Judges`
                    progress: bool = False,
                   ) -> Scores:
     "Score the judges on the real images of `split`: the reference of relative adherence"
-    path = None if isinstance(records, pd.DataFrame) else Path(records)
-    df = records if path is None else read_records(path)
-    root = Path(data_root) if data_root is not None else data_root_of(path) if path is not None else None
-    if root is None: raise LesionGenError("pass data_root with a records DataFrame")
-    df = df[df["split"] == split]
-    if df.empty: raise LesionGenError(f"no records in split {split!r}")
-    if max_images is not None and len(df) > max_images: df = df.sample(max_images, random_state=seed)
+    df, root = held_out_rows(records, split, data_root, max_images, seed)
     attributes = list(attributes or judges.attributes)
     images = load_images([root / f for f in df["file_name"]], judges.resolution, progress)
     return score_labels(record_truth(df, attributes, getattr(judges, "presence", ())), judge_images(judges, images, attributes))
@@ -348,7 +358,6 @@ def plot_adherence(report: AdherenceReport,  # from `adherence`
 # %% ../nbs/07a_adherence.ipynb #a382ffdb
 def _start_timestep(pipe, steps: int, strength: float) -> float:
     "The first timestep img2img denoises from at `strength` (NaN for a pipeline without a scheduler)"
-    import copy
     sch = getattr(pipe, "scheduler", None)
     if sch is None: return float("nan")
     sch = copy.deepcopy(sch); sch.set_timesteps(steps)
@@ -383,13 +392,7 @@ def regeneration(judges,                        # `classify.Judges`
     "Noise real held-out images to each strength, let `pipe` finish them with their own caption, and score what the judges see"
     strengths = [float(s) for s in strengths]
     if not strengths or any(not 0 < s <= 1 for s in strengths): raise LesionGenError(f"strengths must lie in (0, 1], got {strengths}")
-    path = None if isinstance(records, pd.DataFrame) else Path(records)
-    df = records if path is None else read_records(path)
-    root = Path(data_root) if data_root is not None else data_root_of(path) if path is not None else None
-    if root is None: raise LesionGenError("pass data_root with a records DataFrame")
-    df = df[df["split"] == split]
-    if df.empty: raise LesionGenError(f"no records in split {split!r}")
-    if max_images is not None and len(df) > max_images: df = df.sample(max_images, random_state=seed)
+    df, root = held_out_rows(records, split, data_root, max_images, seed)
     df = _captioned(df.reset_index(drop=True), captions)
     attributes = list(attributes or judges.attributes)
     res = resolution or getattr(pipe, "resolution", None) or judges.resolution
