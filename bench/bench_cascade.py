@@ -1,0 +1,226 @@
+"""A 32 px base model + a 64 px residual super-resolution diffusion stage: does a cascade draw the 64 px concepts?
+
+The single-stage 64 px recipe misses the concepts target (bench_recipe.py --preset 64). Its regeneration curves
+(bench_regeneration.py) lose fine concepts at light noise, and its concept counterfactuals barely switch (dots and
+globules: 7.5% of lesions). This script tests the cascade of Imagen / DeepFloyd IF instead, on the same judges:
+
+  base   a 32 px lesiongen run (trained with `lesiongen train --resolution 32 --model-config FILE`), sampled from
+         each test image's own caption at guidance 4 with `--base-sampler` (default the 64 px preset's DPM-Solver++,
+         8 steps);
+  SR     a 64 px diffusion UNet conditioned on the caption and on the base image, bicubic-upsampled and concatenated
+         to its input. It draws only the residual over that upsample, scaled by `--residual-scale` (the residual's
+         std is ~0.05 of the [-1, 1] range), so colour and layout come from the base and the UNet spends its
+         capacity on fine texture. Trained here on the records' train split (64 -> 32 px by area averaging, then
+         bicubic; a little Gaussian noise on the conditioning image), epsilon loss, for `--sr-steps` steps.
+
+Rows (420 test images, their own captions, judged by 64 px judges; presence balanced agreement per concept):
+  real 64 px; real -> 32 px -> bicubic; real -> 32 px -> SR (the SR stage's ceiling: a perfect base);
+  base -> bicubic; base -> SR at each guidance; and each `--compare` single-stage 64 px run with the same sampler.
+
+A PROTOTYPE: the SR model is built and trained by this script, not by `lesiongen train`, and `lesiongen generate`
+cannot use it yet. Research use only, not for clinical use.
+
+Usage: python bench/bench_cascade.py --records R --captions C --judges J --base RUN32 --work DIR
+         [--compare RUN64 ...] [--base-sampler dpmpp:8] [--sr-steps 677] [--guidance 1 3] [--n 420] [--threads 2] [--out results.csv]
+"""
+import argparse, json, logging, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from sklearn.metrics import balanced_accuracy_score
+
+from lesiongen.adherence import PRESENCE, held_out_rows, judge_images, record_truth
+from lesiongen.classify import Judges, decode_images
+from lesiongen.core import RESEARCH_ONLY
+from lesiongen.data import read_records
+from lesiongen.generate import load_pipeline, make_scheduler, sample_images
+from lesiongen.model import CompactConfig, compact_noise_scheduler, sampling_scheduler
+from lesiongen.train import data_root_of, encode_prompts
+
+CONCEPTS = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
+LOW, HIGH = 32, 64
+
+
+def upsample(lo: torch.Tensor) -> torch.Tensor:
+    "Bicubic 32 -> 64 px of images in [-1, 1]"
+    return F.interpolate(lo, size=HIGH, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def low_res(x: torch.Tensor) -> torch.Tensor:
+    "The SR stage's conditioning of a 64 px image in [-1, 1]: area-averaged to 32 px, bicubic back to 64"
+    return upsample(F.interpolate(x, size=LOW, mode="area"))
+
+
+def to_unit(u8: torch.Tensor) -> torch.Tensor: return u8.float() / 127.5 - 1
+def to_u8(x: torch.Tensor) -> torch.Tensor: return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def sr_unet(channels: tuple) -> UNet2DConditionModel:
+    "A pixel-space UNet with 3 + 3 input channels (noisy residual, upsampled base) and text attention at its lowest level"
+    att = [False] * (len(channels) - 1) + [True]
+    return UNet2DConditionModel(
+        sample_size=HIGH, in_channels=6, out_channels=3, block_out_channels=channels, layers_per_block=1,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in att),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(att)),
+        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=384, attention_head_dim=4, norm_num_groups=8,
+        addition_embed_type="text", addition_embed_type_num_heads=8, only_cross_attention=True)
+
+
+def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
+    "Train the SR stage (or load it when `folder` holds one); return its training record"
+    done = folder / "sr.json"
+    if done.is_file(): return json.loads(done.read_text())
+    torch.manual_seed(a.seed)
+    unet, sched = sr_unet(tuple(a.sr_channels)), compact_noise_scheduler(CompactConfig(resolution=HIGH))
+    opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.01)
+    t0, losses = time.perf_counter(), []
+    for step in range(a.sr_steps):
+        idx = torch.randint(0, len(images), (a.batch_size,))
+        x0 = to_unit(images[idx])
+        flip = torch.rand(len(idx)) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        lo = low_res(x0)
+        target = ((x0 - lo) * a.residual_scale).clamp(-1, 1)
+        lo = lo + torch.rand(len(idx), 1, 1, 1) * a.cond_noise * torch.randn_like(lo)  # robustness to the base's errors
+        rows = text["index"][idx]
+        rows = torch.where(torch.rand(len(idx)) < 0.1, torch.zeros_like(rows), rows)  # 10% empty captions (guidance)
+        noise, t = torch.randn_like(target), torch.randint(0, sched.config.num_train_timesteps, (len(idx),))
+        pred = unet(torch.cat([sched.add_noise(target, noise, t), lo], 1), t, encoder_hidden_states=text["hidden"][rows],
+                    encoder_attention_mask=text["mask"][rows]).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        for g in opt.param_groups: g["lr"] = a.lr * min(1.0, (step + 1) / 100)
+        opt.step(); opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0: print(f"  SR step {step + 1}/{a.sr_steps}: loss {np.mean(losses[-100:]):.4f}", flush=True)
+    rec = dict(steps=a.sr_steps, minutes=(time.perf_counter() - t0) / 60, channels=list(a.sr_channels),
+               residual_scale=a.residual_scale, params=sum(p.numel() for p in unet.parameters()))
+    tmp = folder.with_name(folder.name + ".tmp")
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    (tmp / "sr.json").write_text(json.dumps(rec, indent=1))
+    tmp.rename(folder)
+    return rec
+
+
+@torch.no_grad()
+def super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance: float) -> torch.Tensor:
+    "64 px images in [-1, 1] from 32 px ones: the SR stage's residual (SDE-DPM-Solver++) over their bicubic upsample"
+    train = compact_noise_scheduler(CompactConfig(resolution=HIGH))
+    lo, out = upsample(lo32), []
+    for i in range(0, len(lo), a.sample_batch):
+        sl = slice(i, i + a.sample_batch)
+        sched = sampling_scheduler(train, algorithm_type="sde-dpmsolver++")
+        sched.set_timesteps(a.sr_sampler_steps)
+        gen = torch.Generator().manual_seed(a.seed + i)
+        x = torch.randn(len(lo[sl]), 3, HIGH, HIGH, generator=gen)
+        for t in sched.timesteps:
+            inp = torch.cat([x, lo[sl]], 1)
+            if guidance > 1:
+                u, c = unet(torch.cat([inp] * 2), t, encoder_hidden_states=torch.cat([nemb[sl], emb[sl]]),
+                            encoder_attention_mask=torch.cat([nmask[sl], mask[sl]])).sample.chunk(2)
+                eps = u + guidance * (c - u)
+            else:
+                eps = unet(inp, t, encoder_hidden_states=emb[sl], encoder_attention_mask=mask[sl]).sample
+            x = sched.step(eps, t, x, generator=gen).prev_sample
+        out.append(lo[sl] + x / a.residual_scale)
+    return torch.cat(out)
+
+
+def score(judges, u8: torch.Tensor, truth: pd.DataFrame, **row) -> dict:
+    "Presence balanced agreement per concept, diagnosis balanced agreement and Fitzpatrick within one type"
+    j = judge_images(judges, u8, [*CONCEPTS, "dx", "fitzpatrick"])
+    for c in CONCEPTS:
+        m = truth[c].notna()
+        row[c] = balanced_accuracy_score(truth[c + PRESENCE][m], j[c + PRESENCE][m])
+    row["dx"] = balanced_accuracy_score(truth["dx"].astype(str), j["dx"].astype(str))
+    row["fitzpatrick_within_one"] = float((truth["fitzpatrick"].astype(float) - j["fitzpatrick"].astype(float)).abs().le(1).mean())
+    print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def render(run: Path, texts: list, seeds: list, a, sampler: str = "dpmpp:8") -> tuple[torch.Tensor, float]:
+    "A lesiongen run's images for `texts` with `sampler` (scheduler:steps) at guidance 4; uint8 [N, 3, R, R] and img/s"
+    name, steps = sampler.split(":")
+    pipe = load_pipeline(run)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler, pixel_space=True)
+    pipe.set_progress_bar_config(disable=True)
+    ims, t0 = [], time.perf_counter()
+    for i in range(0, len(texts), a.sample_batch):
+        ims += sample_images(pipe, texts[i:i + a.sample_batch], seeds[i:i + a.sample_batch], num_inference_steps=int(steps), guidance_scale=4.0)
+    rate = len(texts) / (time.perf_counter() - t0)
+    return torch.from_numpy(np.stack([np.asarray(im) for im in ims])).permute(0, 3, 1, 2).contiguous(), rate
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--records", required=True); p.add_argument("--captions", required=True); p.add_argument("--judges", required=True)
+    p.add_argument("--base", required=True, help="a 32 px lesiongen run folder (the cascade's first stage)")
+    p.add_argument("--base-sampler", default="dpmpp:8", help="scheduler:steps of the base (guidance 4); the 64 px preset's is dpmpp:8")
+    p.add_argument("--compare", nargs="*", default=[], help="single-stage 64 px lesiongen runs scored on the same captions")
+    p.add_argument("--work", required=True, help="folder of the SR stage (trained once, then reused)")
+    p.add_argument("--sr-steps", type=int, default=677); p.add_argument("--sr-channels", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--residual-scale", type=float, default=4.0); p.add_argument("--cond-noise", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=5e-4); p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sr-sampler-steps", type=int, default=8); p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--n", type=int, default=420, help="test images (a seeded sample)")
+    p.add_argument("--sample-batch", type=int, default=70); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None); p.add_argument("--out", default=None, help="CSV to write")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if a.threads: torch.set_num_threads(a.threads)
+    records, work = Path(a.records), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = load_pipeline(a.base)
+    if base.resolution != LOW: raise SystemExit(f"--base must be a {LOW} px run, {a.base} is {base.resolution} px")
+    caps = pd.read_json(a.captions, lines=True).set_index("image_id")["text"]
+    df, root = read_records(records), data_root_of(records)
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    text = encode_prompts(list(caps[train["image_id"]]), base.tokenizer, base.text_encoder, compact=True,
+                          units=base.text_units, max_clauses=base.max_text_clauses, max_length=base.config.max_text_tokens)
+    print(f"SR stage: {len(train)} training images at {HIGH} px")
+    rec = train_sr(work / "sr", decode_images(train, root, HIGH), text, a)
+    print(f"SR stage: {rec['steps']} steps, {rec['minutes']:.1f} min, {rec['params'] / 1e6:.2f} M parameters")
+    unet = UNet2DConditionModel.from_pretrained(work / "sr" / "unet", use_safetensors=True).eval()
+
+    test, _ = held_out_rows(records, max_images=a.n, seed=a.seed)
+    test = test.reset_index(drop=True)
+    texts, seeds = list(caps[test["image_id"]]), list(range(a.seed, a.seed + len(test)))
+    truth = record_truth(test, [*CONCEPTS, "dx", "fitzpatrick"])
+    judges = Judges.load(a.judges)
+    emb, mask = base.encode_prompt(texts, torch.device("cpu"))
+    nemb, nmask = base.encode_prompt([""] * len(texts), torch.device("cpu"))
+    real = decode_images(test, root, HIGH)
+    rows = [score(judges, real, truth, source="real 64 px", stage="-")]
+    lo32 = F.interpolate(to_unit(real), size=LOW, mode="area")
+    rows.append(score(judges, to_u8(upsample(lo32)), truth, source="real -> 32 px", stage="bicubic"))
+    for g in a.guidance:
+        rows.append(score(judges, to_u8(super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g)), truth,
+                          source="real -> 32 px", stage=f"SR, guidance {g:g}"))
+    b32, base_rate = render(Path(a.base), texts, seeds, a, a.base_sampler)
+    lo32 = to_unit(b32)
+    name = f"{Path(a.base).parent.name}/{Path(a.base).name}"
+    rows.append(score(judges, to_u8(upsample(lo32)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
+    for g in a.guidance:
+        t0 = time.perf_counter()
+        x = super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g)
+        sr_rate = len(x) / (time.perf_counter() - t0)
+        rows.append(score(judges, to_u8(x), truth, source=f"base {name}, {a.base_sampler}", stage=f"SR, guidance {g:g}",
+                          img_s=1 / (1 / base_rate + 1 / sr_rate)))
+    for run in map(Path, a.compare):
+        ims, rate = render(run, texts, seeds, a)
+        rows.append(score(judges, ims, truth, source=f"single-stage {run.parent.name}/{run.name}, dpmpp:8", stage="-", img_s=rate))
+    t = pd.DataFrame(rows).assign(sr_steps=rec["steps"], sr_minutes=round(rec["minutes"], 1), n=len(test))
+    pd.set_option("display.width", 200)
+    print(f"\npresence balanced agreement ({len(test)} test images, their own captions; eager sampling, img/s end to end):")
+    print(t.drop(columns=["sr_steps", "sr_minutes", "n"]).round(3).to_string(index=False))
+    print(RESEARCH_ONLY)
+    if a.out: t.round(4).to_csv(a.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
