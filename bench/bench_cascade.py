@@ -21,7 +21,7 @@ A PROTOTYPE: the SR model is built and trained by this script, not by `lesiongen
 cannot use it yet. Research use only, not for clinical use.
 
 Usage: python bench/bench_cascade.py --records R --captions C --judges J --base RUN32 --work DIR
-         [--compare RUN64 ...] [--base-sampler dpmpp:8] [--sr-steps 677] [--guidance 1 3] [--n 420] [--threads 2] [--out results.csv]
+         [--compare RUN64 ...] [--base-sampler dpmpp:8] [--sr-steps 677] [--guidance 1 3] [--compile] [--n 420] [--threads 2] [--out results.csv]
 """
 import argparse, json, logging, shutil, time
 from pathlib import Path
@@ -147,9 +147,11 @@ def score(judges, u8: torch.Tensor, truth: pd.DataFrame, **row) -> dict:
 def render(run: Path, texts: list, seeds: list, a, sampler: str = "dpmpp:8") -> tuple[torch.Tensor, float]:
     "A lesiongen run's images for `texts` with `sampler` (scheduler:steps) at guidance 4; uint8 [N, 3, R, R] and img/s"
     name, steps = sampler.split(":")
-    pipe = load_pipeline(run)
+    pipe = load_pipeline(run, compile=a.compile)
     pipe.scheduler = make_scheduler(name, pipe.scheduler, pixel_space=True)
     pipe.set_progress_bar_config(disable=True)
+    if a.compile:  # torch.compile builds its kernels at the first call of a batch shape: a pass of its own, not timed
+        sample_images(pipe, texts[:a.sample_batch], seeds[:a.sample_batch], num_inference_steps=int(steps), guidance_scale=4.0)
     ims, t0 = [], time.perf_counter()
     for i in range(0, len(texts), a.sample_batch):
         ims += sample_images(pipe, texts[i:i + a.sample_batch], seeds[i:i + a.sample_batch], num_inference_steps=int(steps), guidance_scale=4.0)
@@ -170,6 +172,7 @@ def main(argv=None):
     p.add_argument("--sr-sampler-steps", type=int, default=8); p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--n", type=int, default=420, help="test images (a seeded sample)")
     p.add_argument("--sample-batch", type=int, default=70); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="time the base and the SR stage through torch.compile (a warm-up pass first)")
     p.add_argument("--threads", type=int, default=None); p.add_argument("--out", default=None, help="CSV to write")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -206,7 +209,9 @@ def main(argv=None):
     lo32 = to_unit(b32)
     name = f"{Path(a.base).parent.name}/{Path(a.base).name}"
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
+    if a.compile: unet = torch.compile(unet)
     for g in a.guidance:
+        if a.compile: super_resolve(unet, lo32[:a.sample_batch], emb, mask, nemb, nmask, a, g)  # compiles, not timed
         t0 = time.perf_counter()
         x = super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g)
         sr_rate = len(x) / (time.perf_counter() - t0)
@@ -215,10 +220,11 @@ def main(argv=None):
     for run in map(Path, a.compare):
         ims, rate = render(run, texts, seeds, a)
         rows.append(score(judges, ims, truth, source=f"single-stage {run.parent.name}/{run.name}, dpmpp:8", stage="-", img_s=rate))
-    t = pd.DataFrame(rows).assign(sr_steps=rec["steps"], sr_minutes=round(rec["minutes"], 1), n=len(test))
+    t = pd.DataFrame(rows).assign(sr_steps=rec["steps"], sr_minutes=round(rec["minutes"], 1), n=len(test), compiled=a.compile)
     pd.set_option("display.width", 200)
-    print(f"\npresence balanced agreement ({len(test)} test images, their own captions; eager sampling, img/s end to end):")
-    print(t.drop(columns=["sr_steps", "sr_minutes", "n"]).round(3).to_string(index=False))
+    how = "torch.compile" if a.compile else "eager"
+    print(f"\npresence balanced agreement ({len(test)} test images, their own captions; {how} sampling, img/s end to end):")
+    print(t.drop(columns=["sr_steps", "sr_minutes", "n", "compiled"]).round(3).to_string(index=False))
     print(RESEARCH_ONLY)
     if a.out: t.round(4).to_csv(a.out, index=False)
 
