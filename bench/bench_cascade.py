@@ -23,7 +23,7 @@ cannot use it yet. Research use only, not for clinical use.
 Usage: python bench/bench_cascade.py --records R --captions C --judges J --base RUN32 --work DIR
          [--compare RUN64 ...] [--base-sampler dpmpp:8] [--sr-steps 677] [--guidance 1 3] [--compile] [--n 420] [--threads 2] [--out results.csv]
 """
-import argparse, json, logging, shutil, time
+import argparse, json, logging, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +31,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from sklearn.metrics import balanced_accuracy_score
 
-from lesiongen.adherence import PRESENCE, held_out_rows, judge_images, record_truth
+from lesiongen.adherence import PRESENCE, held_out_rows, judge_images, record_truth, score_labels
 from lesiongen.classify import Judges, decode_images
 from lesiongen.core import RESEARCH_ONLY
 from lesiongen.data import read_records
-from lesiongen.generate import load_pipeline, make_scheduler, sample_images
+from lesiongen.generate import load_pipeline
 from lesiongen.model import CompactConfig, compact_noise_scheduler, sampling_scheduler
-from lesiongen.train import data_root_of, encode_prompts
+from lesiongen.train import data_root_of, encode_prompts, to_unit_range
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_adherence import render  # noqa: E402
 
 CONCEPTS = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
 LOW, HIGH = 32, 64
@@ -55,7 +57,6 @@ def low_res(x: torch.Tensor) -> torch.Tensor:
     return upsample(F.interpolate(x, size=LOW, mode="area"))
 
 
-def to_unit(u8: torch.Tensor) -> torch.Tensor: return u8.float() / 127.5 - 1
 def to_u8(x: torch.Tensor) -> torch.Tensor: return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -80,7 +81,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
     t0, losses = time.perf_counter(), []
     for step in range(a.sr_steps):
         idx = torch.randint(0, len(images), (a.batch_size,))
-        x0 = to_unit(images[idx])
+        x0 = to_unit_range(images[idx])
         flip = torch.rand(len(idx)) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         lo = low_res(x0)
@@ -133,29 +134,21 @@ def super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance:
 
 
 def score(judges, u8: torch.Tensor, truth: pd.DataFrame, **row) -> dict:
-    "Presence balanced agreement per concept, diagnosis balanced agreement and Fitzpatrick within one type"
-    j = judge_images(judges, u8, [*CONCEPTS, "dx", "fitzpatrick"])
-    for c in CONCEPTS:
-        m = truth[c].notna()
-        row[c] = balanced_accuracy_score(truth[c + PRESENCE][m], j[c + PRESENCE][m])
-    row["dx"] = balanced_accuracy_score(truth["dx"].astype(str), j["dx"].astype(str))
-    row["fitzpatrick_within_one"] = float((truth["fitzpatrick"].astype(float) - j["fitzpatrick"].astype(float)).abs().le(1).mean())
+    "Presence balanced agreement per concept, diagnosis balanced agreement and Fitzpatrick within one type (`score_labels`)"
+    t = score_labels(truth, judge_images(judges, u8, [*CONCEPTS, "dx", "fitzpatrick"])).table.set_index("attribute")
+    row.update({c: t.at[c + PRESENCE, "balanced_agreement"] for c in CONCEPTS})
+    row.update(dx=t.at["dx", "balanced_agreement"], fitzpatrick_within_one=t.at["fitzpatrick", "within_one"])
     print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     return row
 
 
-def render(run: Path, texts: list, seeds: list, a, sampler: str = "dpmpp:8") -> tuple[torch.Tensor, float]:
-    "A lesiongen run's images for `texts` with `sampler` (scheduler:steps) at guidance 4; uint8 [N, 3, R, R] and img/s"
+def render_run(run: Path, plan: pd.DataFrame, a, sampler: str = "dpmpp:8") -> tuple[torch.Tensor, float]:
+    "A lesiongen run's images for the plan's `text` and `seed` with `sampler` (scheduler:steps) at guidance 4; uint8 [N, 3, R, R] and img/s"
     name, steps = sampler.split(":")
     pipe = load_pipeline(run, compile=a.compile)
-    pipe.scheduler = make_scheduler(name, pipe.scheduler, pixel_space=True)
-    pipe.set_progress_bar_config(disable=True)
     if a.compile:  # torch.compile builds its kernels at the first call of a batch shape: a pass of its own, not timed
-        sample_images(pipe, texts[:a.sample_batch], seeds[:a.sample_batch], num_inference_steps=int(steps), guidance_scale=4.0)
-    ims, t0 = [], time.perf_counter()
-    for i in range(0, len(texts), a.sample_batch):
-        ims += sample_images(pipe, texts[i:i + a.sample_batch], seeds[i:i + a.sample_batch], num_inference_steps=int(steps), guidance_scale=4.0)
-    rate = len(texts) / (time.perf_counter() - t0)
+        render(pipe, plan.iloc[:a.sample_batch], name, int(steps), 4.0, a.sample_batch)
+    ims, rate = render(pipe, plan, name, int(steps), 4.0, a.sample_batch)
     return torch.from_numpy(np.stack([np.asarray(im) for im in ims])).permute(0, 3, 1, 2).contiguous(), rate
 
 
@@ -193,20 +186,21 @@ def main(argv=None):
 
     test, _ = held_out_rows(records, max_images=a.n, seed=a.seed)
     test = test.reset_index(drop=True)
-    texts, seeds = list(caps[test["image_id"]]), list(range(a.seed, a.seed + len(test)))
+    texts = list(caps[test["image_id"]])
+    plan = pd.DataFrame(dict(text=texts, seed=range(a.seed, a.seed + len(test))))
     truth = record_truth(test, [*CONCEPTS, "dx", "fitzpatrick"])
     judges = Judges.load(a.judges)
     emb, mask = base.encode_prompt(texts, torch.device("cpu"))
     nemb, nmask = base.encode_prompt([""] * len(texts), torch.device("cpu"))
     real = decode_images(test, root, HIGH)
     rows = [score(judges, real, truth, source="real 64 px", stage="-")]
-    lo32 = F.interpolate(to_unit(real), size=LOW, mode="area")
+    lo32 = F.interpolate(to_unit_range(real), size=LOW, mode="area")
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source="real -> 32 px", stage="bicubic"))
     for g in a.guidance:
         rows.append(score(judges, to_u8(super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g)), truth,
                           source="real -> 32 px", stage=f"SR, guidance {g:g}"))
-    b32, base_rate = render(Path(a.base), texts, seeds, a, a.base_sampler)
-    lo32 = to_unit(b32)
+    b32, base_rate = render_run(Path(a.base), plan, a, a.base_sampler)
+    lo32 = to_unit_range(b32)
     name = f"{Path(a.base).parent.name}/{Path(a.base).name}"
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
     if a.compile: unet = torch.compile(unet)
@@ -218,7 +212,7 @@ def main(argv=None):
         rows.append(score(judges, to_u8(x), truth, source=f"base {name}, {a.base_sampler}", stage=f"SR, guidance {g:g}",
                           img_s=1 / (1 / base_rate + 1 / sr_rate)))
     for run in map(Path, a.compare):
-        ims, rate = render(run, texts, seeds, a)
+        ims, rate = render_run(run, plan, a)
         rows.append(score(judges, ims, truth, source=f"single-stage {run.parent.name}/{run.name}, dpmpp:8", stage="-", img_s=rate))
     t = pd.DataFrame(rows).assign(sr_steps=rec["steps"], sr_minutes=round(rec["minutes"], 1), n=len(test), compiled=a.compile)
     pd.set_option("display.width", 200)
