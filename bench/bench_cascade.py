@@ -60,10 +60,10 @@ def low_res(x: torch.Tensor) -> torch.Tensor:
 def to_u8(x: torch.Tensor) -> torch.Tensor: return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def sr_unet(channels: tuple) -> UNet2DConditionModel:
-    "A pixel-space UNet with 3 + 3 input channels (noisy residual, upsampled base) and text attention at its lowest level"
+def sr_unet(channels: tuple, aug: bool = False) -> UNet2DConditionModel:
+    "A pixel-space UNet with 3 + 3 input channels (noisy residual, upsampled base) and text attention at its lowest level; `aug`: told the conditioning-noise level"
     att = [False] * (len(channels) - 1) + [True]
-    return UNet2DConditionModel(
+    return UNet2DConditionModel(class_embed_type="timestep" if aug else None,
         sample_size=HIGH, in_channels=6, out_channels=3, block_out_channels=channels, layers_per_block=1,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in att),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(att)),
@@ -76,7 +76,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
     done = folder / "sr.json"
     if done.is_file(): return json.loads(done.read_text())
     torch.manual_seed(a.seed)
-    unet, sched = sr_unet(tuple(a.sr_channels)), compact_noise_scheduler(CompactConfig(resolution=HIGH))
+    unet, sched = sr_unet(tuple(a.sr_channels), a.aug_max > 0), compact_noise_scheduler(CompactConfig(resolution=HIGH))
     opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.01)
     t0, losses = time.perf_counter(), []
     for step in range(a.sr_steps):
@@ -86,12 +86,16 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         lo = low_res(x0)
         target = ((x0 - lo) * a.residual_scale).clamp(-1, 1)
-        lo = lo + torch.rand(len(idx), 1, 1, 1) * a.cond_noise * torch.randn_like(lo)  # robustness to the base's errors
+        if a.aug_max > 0:  # Imagen's noise conditioning augmentation: a noise level the UNet is told, chosen again at sampling
+            level = torch.rand(len(idx)) * a.aug_max
+            lo, labels = lo + level[:, None, None, None] * torch.randn_like(lo), level * 1000
+        else:
+            lo, labels = lo + torch.rand(len(idx), 1, 1, 1) * a.cond_noise * torch.randn_like(lo), None  # robustness to the base's errors
         rows = text["index"][idx]
         rows = torch.where(torch.rand(len(idx)) < 0.1, torch.zeros_like(rows), rows)  # 10% empty captions (guidance)
         noise, t = torch.randn_like(target), torch.randint(0, sched.config.num_train_timesteps, (len(idx),))
         pred = unet(torch.cat([sched.add_noise(target, noise, t), lo], 1), t, encoder_hidden_states=text["hidden"][rows],
-                    encoder_attention_mask=text["mask"][rows]).sample
+                    encoder_attention_mask=text["mask"][rows], class_labels=labels).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -99,7 +103,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
         opt.step(); opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % 100 == 0: print(f"  SR step {step + 1}/{a.sr_steps}: loss {np.mean(losses[-100:]):.4f}", flush=True)
-    rec = dict(steps=a.sr_steps, minutes=(time.perf_counter() - t0) / 60, channels=list(a.sr_channels),
+    rec = dict(steps=a.sr_steps, minutes=(time.perf_counter() - t0) / 60, channels=list(a.sr_channels), aug_max=a.aug_max,
                residual_scale=a.residual_scale, params=sum(p.numel() for p in unet.parameters()))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
@@ -110,24 +114,29 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
 
 
 @torch.no_grad()
-def super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance: float) -> torch.Tensor:
-    "64 px images in [-1, 1] from 32 px ones: the SR stage's residual (SDE-DPM-Solver++) over their bicubic upsample"
+def super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance: float, level: float = 0.0) -> torch.Tensor:
+    "64 px images in [-1, 1] from 32 px ones: the SR stage's residual (SDE-DPM-Solver++) over their bicubic upsample (noised to `level` if it was trained so)"
     train = compact_noise_scheduler(CompactConfig(resolution=HIGH))
     lo, out = upsample(lo32), []
+    aug = unet.config.class_embed_type == "timestep"
+    if aug: lo_in = lo + level * torch.randn(lo.shape, generator=torch.Generator().manual_seed(a.seed + 1))
+    else: lo_in = lo
     for i in range(0, len(lo), a.sample_batch):
         sl = slice(i, i + a.sample_batch)
         sched = sampling_scheduler(train, algorithm_type="sde-dpmsolver++")
         sched.set_timesteps(a.sr_sampler_steps)
         gen = torch.Generator().manual_seed(a.seed + i)
         x = torch.randn(len(lo[sl]), 3, HIGH, HIGH, generator=gen)
+        labels = torch.full((len(x),), level * 1000) if aug else None
         for t in sched.timesteps:
-            inp = torch.cat([x, lo[sl]], 1)
+            inp = torch.cat([x, lo_in[sl]], 1)
             if guidance > 1:
                 u, c = unet(torch.cat([inp] * 2), t, encoder_hidden_states=torch.cat([nemb[sl], emb[sl]]),
-                            encoder_attention_mask=torch.cat([nmask[sl], mask[sl]])).sample.chunk(2)
+                            encoder_attention_mask=torch.cat([nmask[sl], mask[sl]]),
+                            class_labels=None if labels is None else torch.cat([labels] * 2)).sample.chunk(2)
                 eps = u + guidance * (c - u)
             else:
-                eps = unet(inp, t, encoder_hidden_states=emb[sl], encoder_attention_mask=mask[sl]).sample
+                eps = unet(inp, t, encoder_hidden_states=emb[sl], encoder_attention_mask=mask[sl], class_labels=labels).sample
             x = sched.step(eps, t, x, generator=gen).prev_sample
         out.append(lo[sl] + x / a.residual_scale)
     return torch.cat(out)
@@ -161,6 +170,8 @@ def main(argv=None):
     p.add_argument("--work", required=True, help="folder of the SR stage (trained once, then reused)")
     p.add_argument("--sr-steps", type=int, default=677); p.add_argument("--sr-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--residual-scale", type=float, default=4.0); p.add_argument("--cond-noise", type=float, default=0.05)
+    p.add_argument("--aug-max", type=float, default=0.0, help="train with noise conditioning augmentation up to this level (0: a fixed --cond-noise, untold)")
+    p.add_argument("--aug-levels", type=float, nargs="+", default=[0.0], help="conditioning-noise levels to sample at (with --aug-max)")
     p.add_argument("--lr", type=float, default=5e-4); p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sr-sampler-steps", type=int, default=8); p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--n", type=int, default=420, help="test images (a seeded sample)")
@@ -196,21 +207,25 @@ def main(argv=None):
     rows = [score(judges, real, truth, source="real 64 px", stage="-")]
     lo32 = F.interpolate(to_unit_range(real), size=LOW, mode="area")
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source="real -> 32 px", stage="bicubic"))
+    levels = a.aug_levels if unet.config.class_embed_type == "timestep" else [0.0]
+    tag = lambda g, lv: f"SR, guidance {g:g}" + (f", aug {lv:g}" if unet.config.class_embed_type == "timestep" else "")
     for g in a.guidance:
-        rows.append(score(judges, to_u8(super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g)), truth,
-                          source="real -> 32 px", stage=f"SR, guidance {g:g}"))
+        for lv in levels:
+            rows.append(score(judges, to_u8(super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)), truth,
+                              source="real -> 32 px", stage=tag(g, lv)))
     b32, base_rate = render_run(Path(a.base), plan, a, a.base_sampler)
     lo32 = to_unit_range(b32)
     name = f"{Path(a.base).parent.name}/{Path(a.base).name}"
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
     if a.compile: unet = torch.compile(unet)
     for g in a.guidance:
-        if a.compile: super_resolve(unet, lo32[:a.sample_batch], emb, mask, nemb, nmask, a, g)  # compiles, not timed
-        t0 = time.perf_counter()
-        x = super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g)
-        sr_rate = len(x) / (time.perf_counter() - t0)
-        rows.append(score(judges, to_u8(x), truth, source=f"base {name}, {a.base_sampler}", stage=f"SR, guidance {g:g}",
-                          img_s=1 / (1 / base_rate + 1 / sr_rate)))
+        for lv in levels:
+            if a.compile: super_resolve(unet, lo32[:a.sample_batch], emb, mask, nemb, nmask, a, g, lv)  # compiles, not timed
+            t0 = time.perf_counter()
+            x = super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)
+            sr_rate = len(x) / (time.perf_counter() - t0)
+            rows.append(score(judges, to_u8(x), truth, source=f"base {name}, {a.base_sampler}", stage=tag(g, lv),
+                              img_s=1 / (1 / base_rate + 1 / sr_rate)))
     for run in map(Path, a.compare):
         ims, rate = render_run(run, plan, a)
         rows.append(score(judges, ims, truth, source=f"single-stage {run.parent.name}/{run.name}, dpmpp:8", stage="-", img_s=rate))

@@ -547,7 +547,8 @@ _GEN_ARGS = {  # CLI option -> `GenConfig` field, for options given on the comma
     "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_interval": "guidance_interval",
     "negative_prompt": "negative_prompt", "seed": "seed",
     "batch_size": "batch_size", "resolution": "resolution", "lora_base": "lora_base", "caption_seed": "caption_seed",
-    "num_threads": "num_threads", "compile": "compile"}
+    "num_threads": "num_threads", "compile": "compile", "upscaler": "upscaler", "upscaler_steps": "upscaler_steps",
+    "upscaler_guidance": "upscaler_guidance", "upscaler_scheduler": "upscaler_scheduler"}
 
 def generate_config_from_args(a) -> "GenConfig":
     "Build the `GenConfig` of `lesiongen generate` from parsed arguments"
@@ -827,6 +828,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the UNet: faster sampling after a one-time compile of minutes (large plans; CPU: needs g++)")
+    g.add_argument("--upscaler", metavar="SR_RUN_DIR",
+                   help="a super-resolution stage (a compact run trained with low_res in --model-config) that refines every "
+                        "image: a cascade; its low_res must be the model's image side")
+    g.add_argument("--upscaler-steps", type=int, help="sampler steps of the upscaler (default: 8)")
+    g.add_argument("--upscaler-guidance", type=float, help="classifier-free guidance of the upscaler (default: 3)")
+    g.add_argument("--upscaler-scheduler", choices=("dpmpp", "dpmpp_sde", "ddim", "euler"), help="sampler of the upscaler (default: dpmpp_sde)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(fn=_cmd_generate)
 

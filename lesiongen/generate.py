@@ -29,9 +29,10 @@ __all__ = ['logger', 'PLANS', 'SCHEDULERS', 'FITZPATRICK_TYPES', 'TARGET_COLUMNS
            'META_COLUMNS', 'UNBOUND', 'GenConfig', 'allocate', 'image_seed', 'check_value', 'training_rows',
            'caption_config', 'plan_captions', 'counterfactual_captions', 'empirical_plan', 'balanced_plan',
            'parse_weights', 'targeted_plan', 'counterfactual_plan', 'csv_plan', 'make_plan', 'model_kind', 'lora_base',
-           'weight_files', 'file_sha256', 'model_hash', 'check_compiler', 'load_pipeline', 'make_scheduler',
-           'sample_images', 'check_inputs', 'check_out', 'prepare_out', 'png_bytes', 'chunk_rows', 'process_chunks',
-           'metadata', 'evaluation_markdown', 'dataset_card', 'generate']
+           'weight_files', 'file_sha256', 'model_hash', 'stage_low_res', 'native_resolution', 'check_compiler',
+           'load_pipeline', 'make_scheduler', 'sample_images', 'upscale_images', 'check_inputs', 'check_upscaler',
+           'check_out', 'prepare_out', 'png_bytes', 'chunk_rows', 'process_chunks', 'metadata', 'evaluation_markdown',
+           'dataset_card', 'generate']
 
 # %% ../nbs/07_generate.ipynb #cc031894
 logger = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ class GenConfig:
     caption_max_tokens: int = 77    # caption budget in tokens, incl. special tokens (CLIP's window)
     num_threads: int|None = None    # torch CPU threads; None: torch's default. Bytes reproduce for the same count; on a shared CPU 1 is often fastest
     compile: bool = False           # `torch.compile` the UNet before sampling: faster after a one-time compile per batch shape (minutes); needs a C++ compiler on CPU; pixels may differ from eager sampling by 1/255
+    upscaler: str|None = None       # a super-resolution stage (a compact run trained with `model_config` `low_res`) that refines
+                                    # every image of `model`, whose side must be its `low_res`: a two-stage cascade; None: none
+    upscaler_steps: int = 8         # sampler steps of the upscaler, >= 1
+    upscaler_guidance: float = 3.0  # classifier-free guidance of the upscaler, >= 0
+    upscaler_scheduler: str = "dpmpp_sde"  # sampler of the upscaler, one of `SCHEDULERS`
     progress: bool = True           # show a tqdm progress bar (main process only)
 
     def __post_init__(self):
@@ -95,6 +101,10 @@ class GenConfig:
         if self.num_threads is not None and not pos_int(self.num_threads): bad("num_threads", "a positive integer or None")
         if not isinstance(self.negative_prompt, str): bad("negative_prompt", "a string")
         if not isinstance(self.compile, bool): bad("compile", "True or False")
+        if not pos_int(self.upscaler_steps): bad("upscaler_steps", "a positive integer (steps)")
+        if (isinstance(self.upscaler_guidance, bool) or not isinstance(self.upscaler_guidance, (int, float))
+                or not math.isfinite(self.upscaler_guidance) or self.upscaler_guidance < 0): bad("upscaler_guidance", "a number >= 0")
+        if self.upscaler_scheduler not in SCHEDULERS: bad("upscaler_scheduler", f"one of {SCHEDULERS}")
         if self.plan == "targeted" and not self.weights: raise LesionGenError("plan 'targeted' needs weights: a JSON file of group weights")
         if self.weights and self.plan != "targeted": raise LesionGenError(f"weights applies to plan 'targeted' only, got plan {self.plan!r}")
         if self.cf_attribute not in CF_ATTRIBUTES: bad("cf_attribute", f"one of {CF_ATTRIBUTES}")
@@ -598,6 +608,25 @@ def _size_multiple(folder: Path) -> int|None:
         return f
     except (OSError, KeyError, TypeError, json.JSONDecodeError): return None
 
+def stage_low_res(folder: str|Path,  # a model folder
+                 ) -> int|None:  # the side of the images it refines; None: a text-to-image model
+    "The `low_res` of a compact super-resolution stage (`CompactConfig.low_res`), read from its `model_index.json`"
+    try: v = json.loads((Path(folder) / "model_index.json").read_text()).get("low_res")
+    except (OSError, json.JSONDecodeError, AttributeError): return None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+def native_resolution(folder: str|Path,  # a compact or Stable Diffusion pipeline folder
+                     ) -> int|None:  # the training image side, px; None if the configs do not say
+    "The side of the images the model in `folder` draws by default, from its UNet (and VAE, or patch size) configs"
+    folder = Path(folder)
+    try:
+        side = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
+        side *= json.loads((folder / "model_index.json").read_text()).get("patch_size", 1)
+        if (folder / "vae" / "config.json").is_file():
+            side *= 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+        return side if isinstance(side, int) else None
+    except (OSError, KeyError, TypeError, json.JSONDecodeError): return None
+
 def check_compiler(device: str|torch.device|None = None,  # where the model will run; None: the CPU
                   ) -> None:
     "Raise `LesionGenError` when `torch.compile` cannot build CPU kernels here: inductor needs a C++ compiler"
@@ -706,6 +735,32 @@ def sample_images(pipe,  # a `LesionGenPipeline` or `StableDiffusionPipeline` (`
     return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gens,
                 height=size, width=size, output_type="pil", **kw).images
 
+@torch.no_grad()
+def upscale_images(pipe,  # a super-resolution `LesionGenPipeline` (`CompactConfig.low_res`, `load_pipeline`)
+                   images: Sequence,  # PIL images of a base model, `pipe.low_res` px (or any side in the training ratio)
+                   texts: Sequence[str],  # one caption per image (the base's)
+                   seeds: Sequence[int],  # one seed per image (the base's; the stage's noise derives from it)
+                   num_inference_steps: int = 8,  # sampler steps, >= 1
+                   guidance_scale: float = 3.0,  # classifier-free guidance w; <= 1: none
+                   negative_prompt: str|Sequence[str] = "",  # unconditional caption, or one per image
+                  ) -> list:  # PIL images, `pipe.resolution / pipe.low_res` times larger
+    "Refine a base model's `images` with the super-resolution stage `pipe`: image i from its caption and its own seeded generator"
+    if not getattr(pipe, "low_res", None): raise LesionGenError("upscale_images needs a super-resolution stage (CompactConfig.low_res)")
+    if not len(images) == len(texts) == len(seeds):
+        raise LesionGenError(f"{len(images)} images, {len(texts)} captions and {len(seeds)} seeds: one each per image")
+    negs = [negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    device = pipe._execution_device
+    (uniq, pos), (nuniq, npos) = _distinct(texts), _distinct(negs)
+    emb, mask = pipe.encode_prompt(uniq, device)
+    kw = dict(prompt_embeds=emb[pos], prompt_attention_mask=mask[pos])
+    if guidance_scale > 1:
+        nemb, nmask = pipe.encode_prompt(nuniq, device)
+        kw.update(negative_prompt_embeds=nemb[npos], negative_prompt_attention_mask=nmask[npos])
+    side = images[0].size[0] * pipe.resolution // pipe.low_res
+    gens = [torch.Generator(device="cpu").manual_seed(image_seed(int(s), "upscaler")) for s in seeds]  # not the base's noise again
+    return pipe(low_res_image=list(images), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                generator=gens, height=side, width=side, output_type="pil", **kw).images
+
 # %% ../nbs/07_generate.ipynb #280244a7
 META_COLUMNS: tuple[str, ...] = ("file_name", "image_id", "lesion_id", "dx", "fitzpatrick", *DERM7PT_CONCEPTS, "text",
                                  "seed", "scheduler", "steps", "guidance", "guidance_interval", "model", "model_hash", "plan")  # first columns of metadata.csv
@@ -719,6 +774,9 @@ def check_inputs(cfg: GenConfig,  # the dataset settings
     for name in ("model", "out"):
         if not getattr(cfg, name): raise LesionGenError(f"{name} is required")
     kind = model_kind(cfg.model)
+    if lr := stage_low_res(cfg.model):
+        raise LesionGenError(f"model {cfg.model} is a super-resolution stage (it refines {lr} px images): pass a text-to-image "
+                             "model as model and this one as upscaler")
     base = lora_base(cfg.model, cfg.lora_base) if kind == "lora" else None
     if base and (Path(base).expanduser().exists() or base.startswith(("/", ".", "~"))) and not (
             Path(base).expanduser() / "model_index.json").is_file():
@@ -729,6 +787,7 @@ def check_inputs(cfg: GenConfig,  # the dataset settings
     if cfg.resolution is not None:
         m = _size_multiple(Path(base).expanduser() if base else Path(cfg.model))
         if m and cfg.resolution % m: raise LesionGenError(f"resolution={cfg.resolution} must be a multiple of {m} for this model")
+    up = check_upscaler(cfg, base) if cfg.upscaler else None
     plan = make_plan(cfg)
     mhash = model_hash(cfg.model, kind, base)
     guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else DEFAULT_GUIDANCE[kind])
@@ -738,8 +797,24 @@ def check_inputs(cfg: GenConfig,  # the dataset settings
                     records=file_sha256(cfg.records) if cfg.records and Path(cfg.records).is_file() else None,
                     plan=cfg.plan if cfg.plan in PLANS else f"csv sha256:{file_sha256(cfg.plan)}",
                     weights={s: w for s, _, w in parse_weights(cfg.weights, training_rows(cfg.records, cfg.splits))} if cfg.weights else None)
+    if up: settings["upscaler"] = up["hash"]
+    else: settings = {k: v for k, v in settings.items() if not k.startswith("upscaler")}  # sets made before cascades resume
     return dict(kind=kind, base=base, plan=plan, model_hash=mhash, guidance=guidance, scheduler=scheduler, resolution=cfg.resolution,
-                settings=json.loads(json.dumps(settings)))
+                upscaler_hash=up["hash"] if up else None, settings=json.loads(json.dumps(settings)))
+
+def check_upscaler(cfg: GenConfig,  # the dataset settings, with `upscaler`
+                   base: str|None = None,  # a LoRA's SD base (its folder gives the side), or None
+                  ) -> dict:  # `hash` of its weights, `low_res`
+    "Check that `cfg.upscaler` is a super-resolution stage for the images `cfg.model` draws (when their side is known here)"
+    up = cfg.upscaler
+    if model_kind(up) != "compact" or not (lr := stage_low_res(up)):
+        raise LesionGenError(f"upscaler {up} is not a super-resolution stage: train one with lesiongen train --base compact "
+                             "and a --model-config that sets low_res")
+    side = cfg.resolution or native_resolution(Path(base).expanduser() if base else cfg.model)
+    if side is not None and side != lr:
+        raise LesionGenError(f"upscaler {up} refines {lr} px images but the model draws {side} px ones: use an upscaler "
+                             f"trained with low_res={side} (or resolution={lr})")
+    return dict(hash=model_hash(up, "compact"), low_res=lr)
 
 def _short(v) -> str:
     s = repr(v)
@@ -798,6 +873,10 @@ def metadata(plan: pd.DataFrame, cfg: GenConfig, checked: dict) -> pd.DataFrame:
         scheduler=checked["scheduler"], steps=cfg.num_inference_steps, guidance=checked["guidance"],
         guidance_interval="{:g}-{:g}".format(*cfg.guidance_interval),
         model=str(Path(cfg.model).resolve()), model_hash=checked["model_hash"], plan=_plan_label(cfg))
+    if cfg.upscaler:  # a cascade: the second model of every image
+        meta = meta.assign(upscaler=str(Path(cfg.upscaler).resolve()), upscaler_hash=checked["upscaler_hash"],
+                           upscaler_scheduler=cfg.upscaler_scheduler, upscaler_steps=cfg.upscaler_steps,
+                           upscaler_guidance=float(cfg.upscaler_guidance))
     return meta[[*META_COLUMNS, *[c for c in meta.columns if c not in META_COLUMNS]]]
 
 def _model_sources(model: Path) -> tuple[list[dict], list]:
@@ -850,6 +929,9 @@ def dataset_card(meta: pd.DataFrame, cfg: GenConfig, checked: dict) -> str:
         f"| sampler | `{checked['scheduler']}`, {cfg.num_inference_steps} steps, guidance {checked['guidance']} "
         f"at noise levels t/T in [{cfg.guidance_interval[0]:g}, {cfg.guidance_interval[1]:g}], "
         f"negative prompt {cfg.negative_prompt!r}, batches of {cfg.batch_size} |",
+        *([f"| upscaler | a super-resolution stage refines every image: `{Path(cfg.upscaler).resolve()}`, sha256 "
+           f"`{checked['upscaler_hash'][:16]}…`, `{cfg.upscaler_scheduler}`, {cfg.upscaler_steps} steps, guidance "
+           f"{float(cfg.upscaler_guidance):g} |"] if cfg.upscaler else []),
         f"| seeds | dataset seed {cfg.seed}; every image's seed is in `metadata.csv` |",
         f"| captions | lesiongen's template captions (style short, {cfg.caption_tokenizer} {cfg.caption_max_tokens}-token budget, "
         f"phrasing seed {cfg.caption_seed}), as the training captions |",
@@ -927,6 +1009,13 @@ def generate(cfg: GenConfig,  # the dataset settings
         pipe = load_pipeline(cfg.model, checked["kind"], checked["base"], device=state.device, compile=cfg.compile)
         pipe.scheduler = make_scheduler(checked["scheduler"], pipe.scheduler, pixel_space=checked["kind"] == "compact")
         _note_truncation(pipe, plan["text"])
+        up = None
+        if cfg.upscaler:
+            up = load_pipeline(cfg.upscaler, "compact", device=state.device, compile=cfg.compile)
+            up.scheduler = make_scheduler(cfg.upscaler_scheduler, up.scheduler, pixel_space=True)
+            side = cfg.resolution or getattr(pipe, "resolution", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            if side != up.low_res:  # a hub base's side is only known now: still before any sampling
+                raise LesionGenError(f"upscaler {cfg.upscaler} refines {up.low_res} px images but the model draws {side} px ones")
         bar = tqdm(total=n_new, desc="images", unit="img", disable=not (cfg.progress and state.is_local_main_process))
         quiet = _DropTruncationWarnings()
         _model.logger.addFilter(quiet)
@@ -935,6 +1024,9 @@ def generate(cfg: GenConfig,  # the dataset settings
                 rows = plan.iloc[list(chunk_rows(len(plan), bs, c))]
                 images = sample_images(pipe, rows["text"].tolist(), rows["seed"].tolist(), cfg.num_inference_steps,
                                        checked["guidance"], cfg.negative_prompt, cfg.resolution, cfg.guidance_interval)
+                if up is not None:
+                    images = upscale_images(up, images, rows["text"].tolist(), rows["seed"].tolist(), cfg.upscaler_steps,
+                                            cfg.upscaler_guidance, cfg.negative_prompt)
                 for f, im in zip(rows["file_name"], images): atomic_write_bytes(out / f, png_bytes(im))
                 bar.update(len(rows))
         finally:

@@ -26,9 +26,9 @@ __all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA
            'PREDICTION_TYPES', 'BETA_SCHEDULES', 'TEXT_UNITS', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze',
            'count_params', 'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion',
            'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig',
-           'compact_unet', 'unet_forward', 'compact_noise_scheduler', 'sampling_scheduler', 'minilm_path',
-           'load_text_encoder', 'split_clauses', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps',
-           'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
+           'compact_unet', 'unet_forward', 'compact_noise_scheduler', 'sampling_scheduler', 'upsample',
+           'low_res_condition', 'minilm_path', 'load_text_encoder', 'split_clauses', 'encode_clauses', 'text_length',
+           'encode_text', 'guided_steps', 'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
 
 # %% ../nbs/04_model.ipynb #a1567663
 def default_dtype(device: str|torch.device|None = None,  # target device; None: the CPU
@@ -291,6 +291,11 @@ class CompactConfig:
     num_train_timesteps: int = 1000  # diffusion steps of the training schedule
     beta_schedule: str = "squaredcos_cap_v2"  # noise schedule: `squaredcos_cap_v2` (cosine), `linear` or `scaled_linear`
     thresholding: bool = True  # dynamic thresholding of predicted clean images when sampling with DPM-Solver++
+    low_res: int|None = None  # a super-resolution stage (cascade, as Imagen's): the side in px of the image it refines, which
+    # is bicubic-upsampled to `resolution` and concatenated to the UNet's input; None: a text-to-image model
+    residual_scale: float = 4.0  # super-resolution: the UNet draws (image - upsampled low-res image) × this, in [-1, 1]
+    low_res_noise: float = 0.05  # super-resolution training: Gaussian noise of a random std in [0, this] on the low-res
+    # image, so the stage tolerates a base model's errors (Imagen's conditioning augmentation), [0, 1)
 
     def __post_init__(self):
         self.block_out_channels, self.attention_levels = tuple(self.block_out_channels), tuple(self.attention_levels)
@@ -333,6 +338,13 @@ class CompactConfig:
         h = self.addition_embed_type_num_heads
         if self.addition_embed_type and (not isinstance(h, int) or h < 1 or self.cross_attention_dim % h):
             raise LesionGenError(f"addition_embed_type_num_heads={h!r} must be a positive divisor of cross_attention_dim={self.cross_attention_dim}")
+        if self.low_res is not None and (isinstance(self.low_res, bool) or not isinstance(self.low_res, int)
+                                         or not 0 < self.low_res < self.resolution):
+            raise LesionGenError(f"low_res must be None or a side in px below resolution={self.resolution}, got {self.low_res!r}")
+        if isinstance(self.residual_scale, bool) or not isinstance(self.residual_scale, (int, float)) or not self.residual_scale > 0:
+            raise LesionGenError(f"residual_scale must be > 0, got {self.residual_scale!r}")
+        if isinstance(self.low_res_noise, bool) or not isinstance(self.low_res_noise, (int, float)) or not 0 <= self.low_res_noise < 1:
+            raise LesionGenError(f"low_res_noise must be in [0, 1), got {self.low_res_noise!r}")
 
     @property
     def down_block_types(self) -> tuple[str, ...]:
@@ -354,9 +366,9 @@ class CompactConfig:
 def compact_unet(cfg: CompactConfig,  # the compact model's settings
                 ) -> UNet2DConditionModel:  # a randomly initialised pixel-space UNet (seed with `torch.manual_seed`)
     "Build the compact model's pixel-space `UNet2DConditionModel` from `cfg` (on the patch grid when `cfg.patch_size` > 1)"
-    p = cfg.patch_size
+    p, inputs = cfg.patch_size, 2 if cfg.low_res else 1  # a super-resolution stage also reads the upsampled low-res image
     return UNet2DConditionModel(
-        sample_size=cfg.resolution // p, in_channels=cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p,
+        sample_size=cfg.resolution // p, in_channels=inputs * cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p,
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cfg.cross_attention_dim,
@@ -393,6 +405,19 @@ def sampling_scheduler(train_scheduler: DDPMScheduler,  # the training scheduler
     return DPMSolverMultistepScheduler.from_config(
         train_scheduler.config, algorithm_type=algorithm_type, solver_order=2, thresholding=thresholding,
         sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
+
+# %% ../nbs/04_model.ipynb #d67eed77
+def upsample(images: torch.Tensor,  # pixel-space images [B, C, h, w] in [-1, 1]
+             size: int|tuple[int, int],  # the output side (or (height, width)), px
+            ) -> torch.Tensor:  # [B, C, H, W] in [-1, 1]
+    "Bicubic upsampling, clamped to the pixel range: how a super-resolution stage sees its low-res image"
+    return torch.nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+def low_res_condition(images: torch.Tensor,  # pixel-space images [B, C, H, W] in [-1, 1]
+                      low_res: int,  # side of the low-res image, px
+                     ) -> torch.Tensor:  # [B, C, H, W]: the images area-averaged to `low_res` px and upsampled back
+    "What a super-resolution stage is trained to refine: `images` reduced to `low_res` px (area averaging) and upsampled back"
+    return upsample(torch.nn.functional.interpolate(images, size=low_res, mode="area"), images.shape[-2:])
 
 # %% ../nbs/04_model.ipynb #a1a1b36b
 def minilm_path() -> Path:
@@ -526,12 +551,15 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  text_units: str = "token",  # `token`, `clause` or `token+clause` text sequence (as in training)
                  max_text_clauses: int = 24,  # clauses per caption when `text_units` has clauses (as in training)
                  patch_size: int = 1,  # pixels per side folded into the UNet's channels (`CompactConfig.patch_size`)
+                 low_res: int|None = None,  # a super-resolution stage: the side of its low-res input (`CompactConfig.low_res`)
+                 residual_scale: float = 4.0,  # super-resolution: the scale of the residual the UNet draws (`CompactConfig.residual_scale`)
                 ):
         super().__init__()
         freeze(text_encoder)
         self.register_modules(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
         self.register_to_config(max_text_tokens=max_text_tokens, use_attention_mask=use_attention_mask, text_units=text_units,
-                                max_text_clauses=max_text_clauses, patch_size=patch_size)
+                                max_text_clauses=max_text_clauses, patch_size=patch_size, low_res=low_res,
+                                residual_scale=residual_scale)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
     @classmethod
@@ -569,6 +597,11 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return getattr(self.config, "patch_size", 1)
 
     @property
+    def low_res(self) -> int|None:
+        "The side of the low-res image a super-resolution stage refines; None for a text-to-image model (and pipelines saved before cascades)"
+        return getattr(self.config, "low_res", None)
+
+    @property
     def resolution(self) -> int:
         "The training image side, px: the default size of generated images"
         return self.unet.config.sample_size * self.patch_size
@@ -590,9 +623,14 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_inference_steps: int,
                      guidance_scale: float, num_images_per_prompt: int, prompt_embeds, negative_prompt_embeds,
-                     output_type: str, generator, image=None, strength: float = 1.0) -> None:
+                     output_type: str, generator, image=None, strength: float = 1.0, low_res_image=None) -> None:
         "Raise `LesionGenError` naming the first bad argument"
         if (prompt is None) == (prompt_embeds is None): raise LesionGenError("pass exactly one of prompt or prompt_embeds")
+        if self.low_res and low_res_image is None:
+            raise LesionGenError(f"this pipeline is a super-resolution stage: pass low_res_image, the {self.low_res} px images to refine")
+        if not self.low_res and low_res_image is not None:
+            raise LesionGenError("low_res_image applies to a super-resolution stage (CompactConfig.low_res); this model draws from text alone")
+        if self.low_res and image is not None: raise LesionGenError("image (img2img) does not apply to a super-resolution stage")
         if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
             raise LesionGenError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
         b = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
@@ -632,6 +670,18 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise LesionGenError(f"image is {x.shape[-1]}x{x.shape[-2]} px but the pipeline draws {width}x{height}")
         return x.to(device=device, dtype=dtype)
 
+    def prepare_low_res(self, low_res_image,  # PIL image(s), np [B, h, w, 3] or torch [B, 3, h, w], values in [0, 1]
+                        n: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
+                       ) -> torch.Tensor:  # [n, 3, height, width] in [-1, 1]: the bicubic upsample the stage refines
+        "Check a super-resolution stage's low-res images (count, and size in the training ratio) and upsample them"
+        x = self.image_processor.preprocess(low_res_image)
+        if x.shape[0] != n: raise LesionGenError(f"low_res_image has {x.shape[0]} images for {n} generated images")
+        want = tuple(s * self.low_res / self.resolution for s in (height, width))
+        if tuple(x.shape[-2:]) != want:
+            raise LesionGenError(f"low_res_image is {x.shape[-1]}x{x.shape[-2]} px; a {width}x{height} output of this stage "
+                                 f"(trained {self.low_res} -> {self.resolution} px) needs {want[1]:g}x{want[0]:g} px")
+        return upsample(x.to(device=device, dtype=dtype), (height, width))
+
     def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         "The last `int(num_inference_steps * strength)` steps of the schedule, as diffusers' img2img pipelines take them"
         t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
@@ -641,7 +691,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
                         generator, latents: torch.Tensor|None = None) -> torch.Tensor:
         "Draw the initial pixel-space noise (or check `latents`) and scale it for the scheduler"
-        shape = (batch_size, self.unet.config.in_channels // self.patch_size**2, height, width)
+        shape = (batch_size, self.unet.config.out_channels // self.patch_size**2, height, width)
         if latents is None: latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape: raise LesionGenError(f"latents shape {tuple(latents.shape)} != {shape}")
         else: latents = latents.to(device=device, dtype=dtype)
@@ -660,6 +710,8 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  latents: torch.Tensor|None = None,  # initial noise (B*n, C, H, W); None: drawn from `generator`
                  image=None,  # img2img (SDEdit): images to start from, one per generated image (PIL, np or torch in [0, 1])
                  strength: float = 1.0,  # with `image`: how far along the noise schedule it is noised first, in (0, 1]
+                 low_res_image=None,  # a super-resolution stage only: the images to refine, one per generated image, at
+                 # the training ratio (`low_res` px for a `resolution` px output; PIL, np or torch in [0, 1])
                  prompt_embeds: torch.Tensor|None = None,  # precomputed caption embeddings (B, T, D), instead of `prompt`
                  prompt_attention_mask: torch.Tensor|None = None,  # mask of `prompt_embeds` (B, T); None: all tokens
                  negative_prompt_embeds: torch.Tensor|None = None,  # precomputed unconditional embeddings
@@ -671,12 +723,14 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         height, width = height or self.resolution, width or self.resolution
         # 1. Check inputs
         self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, output_type, generator, image, strength)
+                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, output_type, generator, image, strength,
+                          low_res_image)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
         device, do_cfg = self._execution_device, guidance_scale > 1.0
         x0 = None if image is None else self.prepare_image(image, n, height, width, self.unet.dtype, device)  # checked before any work
+        lo = None if low_res_image is None else self.prepare_low_res(low_res_image, n, height, width, self.unet.dtype, device)
         interval = check_guidance_interval(guidance_interval)
 
         # 2. Encode the prompts (and the unconditional prompt for guidance)
@@ -712,6 +766,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with self.progress_bar(total=len(timesteps)) as bar:
             for t, guide in zip(timesteps, guided):
                 inp = self.scheduler.scale_model_input(torch.cat([x] * 2) if guide else x, t)
+                if lo is not None: inp = torch.cat([inp, torch.cat([lo] * 2) if guide else lo], 1)  # the stage reads the upsample
                 e, m = (emb, mask) if guide or not do_cfg else (emb[n:], None if mask is None else mask[n:])
                 out = unet_forward(self.unet, inp, t, self.patch_size, encoder_hidden_states=e, encoder_attention_mask=m)
                 if guide:
@@ -720,7 +775,8 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
                 bar.update()
 
-        # 6. Post-process: [-1, 1] -> [0, 1] in the requested format
+        # 6. Post-process: a super-resolution stage drew the scaled residual over the upsample; [-1, 1] -> [0, 1]
+        if lo is not None: x = lo + x / self.config.residual_scale
         images = self.image_processor.postprocess(x.float().clamp(-1, 1), output_type=output_type)
         self.maybe_free_model_hooks()
         gens = generator if isinstance(generator, list) else [generator] * n if generator is not None else None
@@ -748,4 +804,5 @@ def compact_pipeline(cfg: CompactConfig,  # the compact model's settings
     scheduler = scheduler or sampling_scheduler(compact_noise_scheduler(cfg), thresholding=cfg.thresholding)
     return LesionGenPipeline(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=encoder,
                              max_text_tokens=cfg.max_text_tokens, use_attention_mask=cfg.use_attention_mask,
-                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses, patch_size=cfg.patch_size)
+                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses, patch_size=cfg.patch_size,
+                             low_res=cfg.low_res, residual_scale=cfg.residual_scale)

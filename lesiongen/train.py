@@ -748,12 +748,17 @@ def compute_loss(unet, batch: dict, noise_scheduler, cfg: TrainConfig,
                 ) -> torch.Tensor:  # scalar loss
     "Noise `batch['x0']`, predict with `unet` and return the (Min-SNR weighted) MSE"
     from diffusers.training_utils import compute_snr
-    x0 = batch["x0"]
+    x0, low_res = batch["x0"], cfg.model_config.get("low_res") if cfg.base == "compact" else None
+    if low_res:  # a super-resolution stage learns the scaled residual over the upsampled low-res image, reading a noisy copy of it
+        cc = compact_config(cfg)
+        lo = _model.low_res_condition(x0, low_res)
+        x0 = ((x0 - lo) * cc.residual_scale).clamp(-1, 1)
     noise = torch.randn_like(x0)
     if cfg.noise_offset:  # a constant per image and channel: the image mean is then hidden at high noise, as the rest is
         noise = noise + cfg.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device).long()
     noisy = noise_scheduler.add_noise(x0, noise, t)
+    if low_res: noisy = torch.cat([noisy, lo + torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) * cc.low_res_noise * torch.randn_like(lo)], 1)
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon": target = noise
     elif kind == "v_prediction": target = noise_scheduler.get_velocity(x0, noise, t)
@@ -808,6 +813,9 @@ def log_validation(accelerator: Accelerator, unet, components: dict, ema, cfg: T
                   ) -> Path|None:  # the grid PNG, or None without prompts
     "Render the validation prompts with the current (EMA) weights into `validation/step-{step}.png`"
     if not cfg.validation_prompts: return None
+    if cfg.base == "compact" and cfg.model_config.get("low_res"):
+        logger.info("no validation grid for a super-resolution stage: it needs low-res images (chain it after a base with `generate`)")
+        return None
     model = accelerator.unwrap_model(unet)
     params = list(model.parameters())
     was_training = model.training
@@ -970,6 +978,12 @@ def model_card(cfg: TrainConfig,  # the run's settings
                    f"text encoder `{cc.text_encoder}`{' (all-MiniLM-L6-v2, Apache-2.0)' if cc.text_encoder == 'minilm' else ''}, "
                    f"stored with it in `text_encoder/`. Load it with {load} or "
                    "`lesiongen.model.LesionGenPipeline.from_pretrained(THIS_FOLDER)`.")
+        if cc.low_res:
+            title = "lesiongen compact super-resolution stage"
+            summary += (f" It is the **second stage of a cascade**: it refines {cc.low_res} px images (bicubic-upsampled and "
+                        f"concatenated to its input) into {cfg.resolution} px ones, drawing the residual over that upsample "
+                        f"(×{cc.residual_scale:g}) from the caption. Chain it after a {cc.low_res} px base with "
+                        "`lesiongen generate --model BASE --upscaler THIS_FOLDER ...`.")
     elif lora:
         title = "lesiongen LoRA adapter for Stable Diffusion"
         summary = (f"A LoRA adapter (rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}) on the UNet attention projections of "
