@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from lesiongen.adherence import adherence, counterfactual_control, real_reference
 from lesiongen.classify import Judges
 from lesiongen.core import DERM7PT_CONCEPTS, RESEARCH_ONLY
-from lesiongen.generate import balanced_plan, counterfactual_plan, load_pipeline, make_scheduler, sample_images
+from lesiongen.generate import balanced_plan, counterfactual_plan, load_pipeline, make_scheduler, sample_images, upscale_images
 from lesiongen.model import compact_pipeline
 from lesiongen.train import TrainConfig, compact_config, list_checkpoints
 
@@ -43,14 +43,19 @@ def pipeline_at(run: Path, checkpoint: Path|None):
 
 
 def render(pipe, plan: pd.DataFrame, scheduler: str, steps: int, guidance: float, batch: int,
-           guidance_interval: tuple = (0.0, 1.0)) -> tuple[list, float]:
-    "Render the plan's captions with their seeds; return the images and img/s (wall-clock of sampling only)"
+           guidance_interval: tuple = (0.0, 1.0), upscaler=None, upscaler_sampler: tuple = ("dpmpp_sde", 8, 3.0),
+           ) -> tuple[list, float]:
+    "Render the plan's captions with their seeds (then refine them with `upscaler`, a super-resolution stage); return the images and img/s (wall-clock of sampling only)"
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, pixel_space=True)
+    if upscaler is not None: upscaler.scheduler = make_scheduler(upscaler_sampler[0], upscaler.scheduler, pixel_space=True)
     images, t0 = [], time.perf_counter()
     for i in range(0, len(plan), batch):
         part = plan.iloc[i:i + batch]
-        images += sample_images(pipe, list(part["text"]), list(part["seed"]), num_inference_steps=steps, guidance_scale=guidance,
-                                guidance_interval=guidance_interval)
+        ims = sample_images(pipe, list(part["text"]), list(part["seed"]), num_inference_steps=steps, guidance_scale=guidance,
+                            guidance_interval=guidance_interval)
+        if upscaler is not None:  # as `lesiongen generate --upscaler` does
+            ims = upscale_images(upscaler, ims, list(part["text"]), list(part["seed"]), upscaler_sampler[1], upscaler_sampler[2])
+        images += ims
     return images, len(plan) / (time.perf_counter() - t0)
 
 

@@ -17,16 +17,20 @@ Rows (420 test images, their own captions, judged by 64 px judges; presence bala
   real 64 px; real -> 32 px -> bicubic; real -> 32 px -> SR (the SR stage's ceiling: a perfect base);
   base -> bicubic; base -> SR at each guidance; and each `--compare` single-stage 64 px run with the same sampler.
 
-A PROTOTYPE: the SR model is built and trained by this script, not by `lesiongen train`, and `lesiongen generate`
-cannot use it yet. Research use only, not for clinical use.
+The script's own SR stage (`--work`) was the prototype; the package's (`--upscaler`) is the same design. Research use only, not for clinical use.
 
-Usage: python bench/bench_cascade.py --records R --captions C --judges J --base RUN32 --work DIR
+With `--upscaler RUN` the SR stage is instead a package run (`lesiongen train --base compact --resolution 64
+--model-config bench/recipes/compact64_sr.json`, `CompactConfig.low_res`), sampled by `generate.upscale_images` as
+`lesiongen generate --upscaler RUN` samples it.
+
+Usage: python bench/bench_cascade.py --records R --captions C --judges J --base RUN32 (--work DIR | --upscaler RUN)
          [--compare RUN64 ...] [--base-sampler dpmpp:8] [--sr-steps 677] [--guidance 1 3] [--compile] [--n 420] [--threads 2] [--out results.csv]
 """
 import argparse, json, logging, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ from lesiongen.adherence import PRESENCE, held_out_rows, judge_images, record_tr
 from lesiongen.classify import Judges, decode_images
 from lesiongen.core import RESEARCH_ONLY
 from lesiongen.data import read_records
-from lesiongen.generate import load_pipeline
+from lesiongen.generate import load_pipeline, make_scheduler, upscale_images
 from lesiongen.model import CompactConfig, compact_noise_scheduler, sampling_scheduler
 from lesiongen.train import data_root_of, encode_prompts, to_unit_range
 
@@ -114,7 +118,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
 
 
 @torch.no_grad()
-def super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance: float, level: float = 0.0) -> torch.Tensor:
+def _super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance: float, level: float = 0.0) -> torch.Tensor:
     "64 px images in [-1, 1] from 32 px ones: the SR stage's residual (SDE-DPM-Solver++) over their bicubic upsample (noised to `level` if it was trained so)"
     train = compact_noise_scheduler(CompactConfig(resolution=HIGH))
     lo, out = upsample(lo32), []
@@ -167,7 +171,9 @@ def main(argv=None):
     p.add_argument("--base", required=True, help="a 32 px lesiongen run folder (the cascade's first stage)")
     p.add_argument("--base-sampler", default="dpmpp:8", help="scheduler:steps of the base (guidance 4); the 64 px preset's is dpmpp:8")
     p.add_argument("--compare", nargs="*", default=[], help="single-stage 64 px lesiongen runs scored on the same captions")
-    p.add_argument("--work", required=True, help="folder of the SR stage (trained once, then reused)")
+    p.add_argument("--work", default=None, help="folder of the script's own SR stage (trained once, then reused)")
+    p.add_argument("--upscaler", default=None, help="instead: a package SR stage (`lesiongen train` with low_res in --model-config), "
+                   "sampled as `lesiongen generate --upscaler` does (`generate.upscale_images`)")
     p.add_argument("--sr-steps", type=int, default=677); p.add_argument("--sr-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--residual-scale", type=float, default=4.0); p.add_argument("--cond-noise", type=float, default=0.05)
     p.add_argument("--aug-max", type=float, default=0.0, help="train with noise conditioning augmentation up to this level (0: a fixed --cond-noise, untold)")
@@ -181,8 +187,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if a.threads: torch.set_num_threads(a.threads)
-    records, work = Path(a.records), Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    if (a.work is None) == (a.upscaler is None): raise SystemExit("pass exactly one of --work (train an SR stage here) or --upscaler RUN")
+    records = Path(a.records)
     base = load_pipeline(a.base)
     if base.resolution != LOW: raise SystemExit(f"--base must be a {LOW} px run, {a.base} is {base.resolution} px")
     caps = pd.read_json(a.captions, lines=True).set_index("image_id")["text"]
@@ -190,10 +196,19 @@ def main(argv=None):
     train = df[df["split"] == "train"].reset_index(drop=True)
     text = encode_prompts(list(caps[train["image_id"]]), base.tokenizer, base.text_encoder, compact=True,
                           units=base.text_units, max_clauses=base.max_text_clauses, max_length=base.config.max_text_tokens)
-    print(f"SR stage: {len(train)} training images at {HIGH} px")
-    rec = train_sr(work / "sr", decode_images(train, root, HIGH), text, a)
-    print(f"SR stage: {rec['steps']} steps, {rec['minutes']:.1f} min, {rec['params'] / 1e6:.2f} M parameters")
-    unet = UNet2DConditionModel.from_pretrained(work / "sr" / "unet", use_safetensors=True).eval()
+    if a.upscaler:
+        up = load_pipeline(a.upscaler, "compact", compile=a.compile)
+        if up.low_res != LOW or up.resolution != HIGH: raise SystemExit(f"--upscaler must refine {LOW} px into {HIGH} px images")
+        up.scheduler = make_scheduler("dpmpp_sde", up.scheduler, pixel_space=True)
+        run = json.loads((Path(a.upscaler) / "config.json").read_text())
+        rec = dict(steps=run["max_train_steps"], minutes=float("nan"), params=sum(p.numel() for p in up.unet.parameters()))
+        unet = up.unet
+    else:
+        work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
+        print(f"SR stage: {len(train)} training images at {HIGH} px")
+        rec = train_sr(work / "sr", decode_images(train, root, HIGH), text, a)
+        print(f"SR stage: {rec['steps']} steps, {rec['minutes']:.1f} min, {rec['params'] / 1e6:.2f} M parameters")
+        unet = UNet2DConditionModel.from_pretrained(work / "sr" / "unet", use_safetensors=True).eval()
 
     test, _ = held_out_rows(records, max_images=a.n, seed=a.seed)
     test = test.reset_index(drop=True)
@@ -209,6 +224,14 @@ def main(argv=None):
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source="real -> 32 px", stage="bicubic"))
     levels = a.aug_levels if unet.config.class_embed_type == "timestep" else [0.0]
     tag = lambda g, lv: f"SR, guidance {g:g}" + (f", aug {lv:g}" if unet.config.class_embed_type == "timestep" else "")
+
+    def super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv=0.0):  # the package stage (--upscaler), or the script's
+        if not a.upscaler: return _super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)
+        pil = [Image.fromarray(x) for x in to_u8(lo32).permute(0, 2, 3, 1).numpy()]
+        seeds = plan["seed"].tolist()[:len(pil)]
+        out = [im for i in range(0, len(pil), a.sample_batch) for im in upscale_images(
+            up, pil[i:i + a.sample_batch], texts[i:i + a.sample_batch], seeds[i:i + a.sample_batch], a.sr_sampler_steps, g)]
+        return to_unit_range(torch.from_numpy(np.stack([np.asarray(o) for o in out])).permute(0, 3, 1, 2).contiguous())
     for g in a.guidance:
         for lv in levels:
             rows.append(score(judges, to_u8(super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)), truth,
@@ -217,7 +240,7 @@ def main(argv=None):
     lo32 = to_unit_range(b32)
     name = f"{Path(a.base).parent.name}/{Path(a.base).name}"
     rows.append(score(judges, to_u8(upsample(lo32)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
-    if a.compile: unet = torch.compile(unet)
+    if a.compile and not a.upscaler: unet = torch.compile(unet)  # load_pipeline compiled the package stage
     for g in a.guidance:
         for lv in levels:
             if a.compile: super_resolve(unet, lo32[:a.sample_batch], emb, mask, nemb, nmask, a, g, lv)  # compiles, not timed

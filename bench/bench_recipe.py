@@ -13,6 +13,13 @@ Presets (2 CPU cores, phantom data):
       presence of pigment network, streaks, dots and globules, blue-whitish veil and vascular structures (the judges'
       real-image agreement printed beside it); >= 5 img/s with guidance. Also printed, without a target: the share of
       lesions whose concept switches off and on with one seed (`--concept-cf` lesions per concept).
+  64c the same targets with a cascade: a 32 px base (`bench/recipes/compact32_concepts.json`, the 64 px recipe's text
+      settings at 32 px, batches balanced over the diagnosis; 1,300 steps were 16.5 minutes) sampled with
+      SDE-DPM-Solver++ 8 steps at guidance 4, then a 32 -> 64 px super-resolution stage (`CompactConfig.low_res`,
+      `bench/recipes/compact64_sr.json`: it draws the residual over the bicubic upsample; 700 steps, no offset noise,
+      no Min-SNR, constant learning rate) at SDE-DPM-Solver++ 8 steps, guidance 3, as `lesiongen generate --upscaler`
+      chains them. The budget gives the stage 40% of the minutes, each stage's steps measured by its own probes;
+      `--run BASE --upscaler-run STAGE` reuse both. The 25-step reference renders the base at 25 DPM-Solver++ steps.
 
 Training length: `--steps budget` (default) spends the preset's training minutes on this machine: two short probe
 runs of the recipe (10 and 60 steps) measure the time per step and the fixed cost (loading, caption encoding, final
@@ -49,6 +56,7 @@ the sampler's drop against the reference and the rows above them.
 
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
        python bench/bench_recipe.py --preset 64 --work /tmp/recipe64 [--judge-seeds 3] [--presence-judges]
+       python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
 """
 import argparse, json, logging, shutil, subprocess, sys, time
 from pathlib import Path
@@ -71,11 +79,21 @@ PRESETS = {
                sampler=("dpmpp_sde", 6, 4.0, (0.2, 0.6))),
     "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64.json", train_args=["--checkpointing-steps", "500", "--balance-by", "dx"], steps=2100,
                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp", 8, 4.0, (0.0, 1.0))),
+    # a cascade: a 32 px base with the 64 px recipe's text settings, then a 32 -> 64 px super-resolution stage
+    # (`CompactConfig.low_res`); its steps and sampler as measured in bench_cascade.py (07_generate)
+    "64c": dict(resolution=32, model_config=HERE / "recipes" / "compact32_concepts.json", steps=1300,
+                train_args=["--checkpointing-steps", "500", "--balance-by", "dx"],
+                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 8, 4.0, (0.0, 1.0)),
+                upscaler=dict(resolution=64, model_config=HERE / "recipes" / "compact64_sr.json", steps=700, share=0.4,
+                              train_args=["--checkpointing-steps", "350", "--balance-by", "dx", "--noise-offset", "0",
+                                          "--snr-gamma", "off", "--lr-scheduler", "constant"],
+                              sampler=("dpmpp_sde", 8, 3.0))),
 }
 BUDGET_SHARE = 0.85  # of the training minutes: a long run's steps were 13-20% slower than the probes' (0.91 s vs 1.03-1.10 s at 64 px)
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
 HEADLINE = {"32": (("dx", "relative_balanced", 0.9), ("fitzpatrick", "within_one", 0.9)),  # (attribute, measure, target) of each preset
             "64": tuple((c, "presence", 0.7) for c in CONCEPTS64)}
+HEADLINE["64c"] = HEADLINE["64"]
 
 
 def cli(*args: str) -> None:
@@ -128,15 +146,15 @@ def steps_in(budget: dict, minutes: float, share: float = BUDGET_SHARE) -> int:
     return steps
 
 
-def train_generator(work: Path, records: Path, captions: Path, preset: dict, threads: int, steps: int,
+def train_generator(work: Path, records: Path, captions: Path, preset: dict, threads: int, steps: int, name: str|None = None,
                     ) -> tuple[Path, float|None]:
     "Train the preset's recipe for `steps`; returns the run folder and the wall-clock minutes (None if it was already trained)"
-    run = work / f"gen{preset['resolution']}"
+    run = work / (name or f"gen{preset['resolution']}")
     if (run / "model_index.json").is_file(): return run, None
     return run, timed(train_args(records, captions, run, preset, threads, steps)) / 60
 
 
-def concept_switches(judges, pipe, records: Path, n: int, sampler: tuple, batch: int) -> pd.DataFrame:
+def concept_switches(judges, pipe, records: Path, n: int, sampler: tuple, batch: int, **up) -> pd.DataFrame:
     "Render each of `n` training lesions with each 64 px concept absent and present (its commonest value), one seed per lesion"
     train = pd.read_csv(records).query("split == 'train'")
     sched, steps, g, interval = sampler
@@ -145,7 +163,7 @@ def concept_switches(judges, pipe, records: Path, n: int, sampler: tuple, batch:
         if c not in judges.attributes: continue
         on = train.loc[train[c] != "absent", c].value_counts().index[0]
         cf = counterfactual_plan(records, n, attribute=c, values=["absent", on], seed=2)
-        rows.append(counterfactual_control(judges, render(pipe, cf, sched, steps, g, batch, guidance_interval=interval)[0],
+        rows.append(counterfactual_control(judges, render(pipe, cf, sched, steps, g, batch, guidance_interval=interval, **up)[0],
                                            cf, attributes=[c, "dx"], ita=False).iloc[0].rename(c))
     return pd.DataFrame(rows)
 
@@ -183,6 +201,7 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--work", required=True, help="working folder (resumable)")
     p.add_argument("--records"); p.add_argument("--captions"); p.add_argument("--run"); p.add_argument("--judges")
+    p.add_argument("--upscaler-run", help="preset 64c: a trained super-resolution stage to reuse (with --run, its base)")
     p.add_argument("--cases", type=int, default=3000, help="phantom cases when the data are built here")
     p.add_argument("--n", type=int, default=420, help="images of the balanced plan")
     p.add_argument("--cf", type=int, default=40, help="lesions of the skin-type counterfactual cohort (x6 images)")
@@ -205,11 +224,16 @@ def main(argv=None):
         preset = {**preset, "model_config": Path(a.model_config)}
     if a.judge_seeds < 1: p.error(f"--judge-seeds must be >= 1, got {a.judge_seeds}")
     if a.preset == "32" and a.presence_judges: p.error("--presence-judges applies to --preset 64 (the concepts)")
+    stage = preset.get("upscaler")  # the cascade's second model
+    if a.upscaler_run and not stage: p.error("--upscaler-run applies to --preset 64c")
+    if stage and bool(a.run) != bool(a.upscaler_run): p.error("--preset 64c reuses both stages or neither: pass --run and --upscaler-run together")
     work.mkdir(parents=True, exist_ok=True)
     records, captions = (Path(a.records), Path(a.captions)) if a.records else build_data(work, a.cases)
     if a.steps != "budget" and not (a.steps.isdigit() and int(a.steps) > 0):
         p.error(f"--steps must be 'budget' or a positive integer, got {a.steps!r}")
     budget, train_steps = None, None  # budget: the probes' rates, when the budget sets the steps
+    up_budget, up_steps, up_run, up_minutes = None, None, None, None
+    base_minutes = preset["train_minutes"] * (1 - stage["share"]) if stage else preset["train_minutes"]
     if not a.run:
         steps_file = work / f"steps_{a.preset}.json"  # the probes run once per working folder (resumable)
         if a.steps != "budget": train_steps = int(a.steps)
@@ -218,8 +242,21 @@ def main(argv=None):
             else:
                 budget = budget_steps(work, records, captions, preset, a.threads)
                 steps_file.write_text(json.dumps(budget))
-            train_steps = steps_in(budget, preset["train_minutes"])
+            train_steps = steps_in(budget, base_minutes)
+        if stage:  # the super-resolution stage gets its share of the minutes, measured by its own probes
+            up_file = work / f"steps_{a.preset}_upscaler.json"
+            if a.steps != "budget": up_steps = stage["steps"] * int(a.steps) // preset["steps"]
+            else:
+                if up_file.is_file(): up_budget = json.loads(up_file.read_text())
+                else:
+                    up_budget = budget_steps(work, records, captions, stage, a.threads)
+                    up_file.write_text(json.dumps(up_budget))
+                up_steps = steps_in(up_budget, preset["train_minutes"] * stage["share"])
     run, minutes = (Path(a.run), None) if a.run else train_generator(work, records, captions, preset, a.threads, train_steps)
+    if stage:
+        up_run, up_minutes = (Path(a.upscaler_run), None) if a.upscaler_run else train_generator(
+            work, records, captions, stage, a.threads, up_steps, name="upscaler64")
+        minutes = None if minutes is None or up_minutes is None else minutes + up_minutes
     jdir = Path(a.judges) if a.judges else work / f"judges{preset['judge_resolution']}"
     judges = Judges.load(jdir) if (jdir / "judges.json").is_file() else train_judges(
         records, jdir, JudgeConfig(resolution=preset["judge_resolution"], num_threads=a.threads, progress=False))
@@ -227,20 +264,21 @@ def main(argv=None):
     plan = balanced_plan(records, a.n, seed=0)
     cf = counterfactual_plan(records, a.cf, attribute="fitzpatrick", seed=1)
     pipe = load_pipeline(run, compile=not a.no_compile)
+    up = dict(upscaler=load_pipeline(up_run, compile=not a.no_compile), upscaler_sampler=stage["sampler"]) if stage else {}
     sched, steps, g, interval = preset["sampler"]
     warm = None if a.no_compile else time.perf_counter()
     if warm is not None:  # torch.compile builds its kernels at the first call of each batch shape: a pass of its own
-        render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval); warm = time.perf_counter() - warm
-    imgs, ips = render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval)
+        render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval, **up); warm = time.perf_counter() - warm
+    imgs, ips = render(pipe, plan, sched, steps, g, a.batch, guidance_interval=interval, **up)
     rep = adherence(judges, imgs, plan, ref)
-    cc = counterfactual_control(judges, render(pipe, cf, sched, steps, g, a.batch, guidance_interval=interval)[0], cf).iloc[0]
-    concept_cf = concept_switches(judges, pipe, records, a.concept_cf, preset["sampler"], a.batch) if a.preset == "64" else None
+    cc = counterfactual_control(judges, render(pipe, cf, sched, steps, g, a.batch, guidance_interval=interval, **up)[0], cf).iloc[0]
+    concept_cf = concept_switches(judges, pipe, records, a.concept_cf, preset["sampler"], a.batch, **up) if a.preset != "32" else None
     spread = a.judge_seeds > 1 or a.presence_judges
     headline = [h for h in HEADLINE[a.preset] if h[0] in judges.attributes]
     readings = judge_readings(judge_sets(work, jdir, judges, records, [h[0] for h in headline], a.judge_seeds,
                                          a.presence_judges, a.threads), imgs, plan, records, headline) if spread else None
     # the reference: 25-step DPM-Solver++ at the same guidance, every step; the fast sampler may lose at most 0.05
-    imgs25, ips25 = render(pipe, plan, "dpmpp", 25, g, a.batch)
+    imgs25, ips25 = render(pipe, plan, "dpmpp", 25, g, a.batch, **up)  # a cascade: the base at 25 steps, its stage as always
     t, rt = rep.table.set_index("attribute"), ref.table.set_index("attribute")
     t25 = adherence(judges, imgs25, plan, ref).table.set_index("attribute")
     keys = [("dx", "relative_balanced"), ("fitzpatrick", "within_one")] + ([] if a.preset == "32" else
@@ -250,6 +288,10 @@ def main(argv=None):
              None if minutes is None else minutes <= preset["train_minutes"]),
             (f"training steps ({'bought by the budget' if budget else 'given'}; reference {preset['steps']})",
              train_steps, "", None)]
+    if stage:
+        rows += [(f"super-resolution stage training steps ({'bought by its share of the budget' if up_budget else 'given'}; "
+                  f"reference {stage['steps']})", up_steps, "", None),
+                 (f"super-resolution stage sampler: {stage['sampler'][0]} {stage['sampler'][1]} steps, guidance {stage['sampler'][2]}", None, "", None)]
     if budget:
         rows += [("probe: seconds per training step", budget["s_per_step"], "", None),
                  ("probe: fixed cost of a run, s", budget["fixed_s"], "", None)]
