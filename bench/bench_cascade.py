@@ -61,6 +61,16 @@ def low_res(x: torch.Tensor) -> torch.Tensor:
     return upsample(F.interpolate(x, size=LOW, mode="area"))
 
 
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    "Gaussian blur of one image [3, H, W] with std `sigma` px (reflect padding); sigma < 0.05: unchanged"
+    if sigma < 0.05: return x
+    r = int(np.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2); k = k / k.sum()
+    y = F.pad(x[None], (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]
+
+
 def to_u8(x: torch.Tensor) -> torch.Tensor: return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -80,7 +90,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
     done = folder / "sr.json"
     if done.is_file(): return json.loads(done.read_text())
     torch.manual_seed(a.seed)
-    unet, sched = sr_unet(tuple(a.sr_channels), a.aug_max > 0), compact_noise_scheduler(CompactConfig(resolution=HIGH))
+    unet, sched = sr_unet(tuple(a.sr_channels), a.aug_max > 0 or a.blur_max > 0), compact_noise_scheduler(CompactConfig(resolution=HIGH))
     opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.01)
     t0, losses = time.perf_counter(), []
     for step in range(a.sr_steps):
@@ -90,7 +100,11 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         lo = low_res(x0)
         target = ((x0 - lo) * a.residual_scale).clamp(-1, 1)
-        if a.aug_max > 0:  # Imagen's noise conditioning augmentation: a noise level the UNet is told, chosen again at sampling
+        if a.blur_max > 0:  # blur augmentation (SR3, cascaded diffusion): a blur level the UNet is told, chosen again at sampling
+            level = torch.rand(len(idx)) * a.blur_max
+            lo = torch.stack([blur(im, float(v)) for im, v in zip(lo, level)])
+            lo, labels = lo + torch.rand(len(idx), 1, 1, 1) * a.cond_noise * torch.randn_like(lo), level / a.blur_max * 1000
+        elif a.aug_max > 0:  # Imagen's noise conditioning augmentation: a noise level the UNet is told, chosen again at sampling
             level = torch.rand(len(idx)) * a.aug_max
             lo, labels = lo + level[:, None, None, None] * torch.randn_like(lo), level * 1000
         else:
@@ -107,7 +121,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
         opt.step(); opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % 100 == 0: print(f"  SR step {step + 1}/{a.sr_steps}: loss {np.mean(losses[-100:]):.4f}", flush=True)
-    rec = dict(steps=a.sr_steps, minutes=(time.perf_counter() - t0) / 60, channels=list(a.sr_channels), aug_max=a.aug_max,
+    rec = dict(steps=a.sr_steps, minutes=(time.perf_counter() - t0) / 60, channels=list(a.sr_channels), aug_max=a.aug_max, blur_max=a.blur_max,
                residual_scale=a.residual_scale, params=sum(p.numel() for p in unet.parameters()))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
@@ -123,7 +137,8 @@ def _super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance
     train = compact_noise_scheduler(CompactConfig(resolution=HIGH))
     lo, out = upsample(lo32), []
     aug = unet.config.class_embed_type == "timestep"
-    if aug: lo_in = lo + level * torch.randn(lo.shape, generator=torch.Generator().manual_seed(a.seed + 1))
+    if aug and a.blur_max > 0: lo_in = torch.stack([blur(im, level) for im in lo])
+    elif aug: lo_in = lo + level * torch.randn(lo.shape, generator=torch.Generator().manual_seed(a.seed + 1))
     else: lo_in = lo
     for i in range(0, len(lo), a.sample_batch):
         sl = slice(i, i + a.sample_batch)
@@ -131,7 +146,7 @@ def _super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance
         sched.set_timesteps(a.sr_sampler_steps)
         gen = torch.Generator().manual_seed(a.seed + i)
         x = torch.randn(len(lo[sl]), 3, HIGH, HIGH, generator=gen)
-        labels = torch.full((len(x),), level * 1000) if aug else None
+        labels = torch.full((len(x),), level / a.blur_max * 1000 if a.blur_max > 0 else level * 1000) if aug else None
         for t in sched.timesteps:
             inp = torch.cat([x, lo_in[sl]], 1)
             if guidance > 1:
@@ -177,7 +192,8 @@ def main(argv=None):
     p.add_argument("--sr-steps", type=int, default=677); p.add_argument("--sr-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--residual-scale", type=float, default=4.0); p.add_argument("--cond-noise", type=float, default=0.05)
     p.add_argument("--aug-max", type=float, default=0.0, help="train with noise conditioning augmentation up to this level (0: a fixed --cond-noise, untold)")
-    p.add_argument("--aug-levels", type=float, nargs="+", default=[0.0], help="conditioning-noise levels to sample at (with --aug-max)")
+    p.add_argument("--blur-max", type=float, default=0.0, help="train with blur augmentation of the low-res image up to this Gaussian std, px at 64 px (0: none)")
+    p.add_argument("--aug-levels", type=float, nargs="+", default=[0.0], help="conditioning-noise levels (--aug-max) or blur stds (--blur-max) to sample at")
     p.add_argument("--lr", type=float, default=5e-4); p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sr-sampler-steps", type=int, default=8); p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--n", type=int, default=420, help="test images (a seeded sample)")

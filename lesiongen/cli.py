@@ -178,6 +178,8 @@ def _settings_of(cfg) -> dict:
     "The settings of a stage config that determine its output (paths, progress and threads left out)"
     d = asdict(cfg) if not isinstance(cfg, dict) else dict(cfg)
     if isinstance(d.get("classifier"), dict): d["classifier"] = {k: v for k, v in d["classifier"].items() if k not in _NOT_SETTINGS}
+    if "upscaler" in d and d["upscaler"] is None:  # a generation without a cascade: runs made before cascades resume
+        d = {k: v for k, v in d.items() if not k.startswith("upscaler")}
     return {k: v for k, v in d.items() if k not in _NOT_SETTINGS}
 
 def _train_config(cfg: PipelineConfig, out: Path, progress: bool):

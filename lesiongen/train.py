@@ -1015,7 +1015,8 @@ def model_card(cfg: TrainConfig,  # the run's settings
         tail = loss[-min(10, len(loss)):]
         rows.append(("final loss", f"{sum(r['loss'] for r in tail) / len(tail):.4g} (mean of the last {len(tail)} steps; `loss.csv`, `loss.png`)"))
     config = ("| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-              + "\n\nEvery setting is in `config.json`; validation grids are in `validation/`.")
+              + "\n\nEvery setting is in `config.json`" + ("." if compact and compact_config(cfg).low_res
+                                                            else "; validation grids are in `validation/`."))
     fz_src = set(rec["fitzpatrick_source"].dropna().astype(str)) if "fitzpatrick_source" in rec.columns else set()
     limits = [f"Trained on {n} images at {cfg.resolution} px for {cfg.max_train_steps} optimizer steps: diagnoses, skin types "
               "and concepts that are rare in these images are the least reliable in what it draws."]
