@@ -41,7 +41,7 @@ from lesiongen.classify import Judges, decode_images
 from lesiongen.core import RESEARCH_ONLY
 from lesiongen.data import read_records
 from lesiongen.generate import load_pipeline, make_scheduler, upscale_images
-from lesiongen.model import CompactConfig, compact_noise_scheduler, sampling_scheduler
+from lesiongen.model import CompactConfig, compact_noise_scheduler, low_res_condition, sampling_scheduler, upsample
 from lesiongen.train import data_root_of, encode_prompts, to_unit_range
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,16 +49,6 @@ from bench_adherence import render  # noqa: E402
 
 CONCEPTS = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
 LOW, HIGH = 32, 64
-
-
-def upsample(lo: torch.Tensor) -> torch.Tensor:
-    "Bicubic 32 -> 64 px of images in [-1, 1]"
-    return F.interpolate(lo, size=HIGH, mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def low_res(x: torch.Tensor) -> torch.Tensor:
-    "The SR stage's conditioning of a 64 px image in [-1, 1]: area-averaged to 32 px, bicubic back to 64"
-    return upsample(F.interpolate(x, size=LOW, mode="area"))
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -98,7 +88,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
         x0 = to_unit_range(images[idx])
         flip = torch.rand(len(idx)) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        lo = low_res(x0)
+        lo = low_res_condition(x0, LOW)
         target = ((x0 - lo) * a.residual_scale).clamp(-1, 1)
         if a.blur_max > 0:  # blur augmentation (SR3, cascaded diffusion): a blur level the UNet is told, chosen again at sampling
             level = torch.rand(len(idx)) * a.blur_max
@@ -135,7 +125,7 @@ def train_sr(folder: Path, images: torch.Tensor, text: dict, a) -> dict:
 def _super_resolve(unet, lo32: torch.Tensor, emb, mask, nemb, nmask, a, guidance: float, level: float = 0.0) -> torch.Tensor:
     "64 px images in [-1, 1] from 32 px ones: the SR stage's residual (SDE-DPM-Solver++) over their bicubic upsample (noised to `level` if it was trained so)"
     train = compact_noise_scheduler(CompactConfig(resolution=HIGH))
-    lo, out = upsample(lo32), []
+    lo, out = upsample(lo32, HIGH), []
     aug = unet.config.class_embed_type == "timestep"
     if aug and a.blur_max > 0: lo_in = torch.stack([blur(im, level) for im in lo])
     elif aug: lo_in = lo + level * torch.randn(lo.shape, generator=torch.Generator().manual_seed(a.seed + 1))
@@ -237,11 +227,11 @@ def main(argv=None):
     real = decode_images(test, root, HIGH)
     rows = [score(judges, real, truth, source="real 64 px", stage="-")]
     lo32 = F.interpolate(to_unit_range(real), size=LOW, mode="area")
-    rows.append(score(judges, to_u8(upsample(lo32)), truth, source="real -> 32 px", stage="bicubic"))
+    rows.append(score(judges, to_u8(upsample(lo32, HIGH)), truth, source="real -> 32 px", stage="bicubic"))
     levels = a.aug_levels if unet.config.class_embed_type == "timestep" else [0.0]
     tag = lambda g, lv: f"SR, guidance {g:g}" + (f", aug {lv:g}" if unet.config.class_embed_type == "timestep" else "")
 
-    def super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv=0.0):  # the package stage (--upscaler), or the script's
+    def super_resolve(lo32, g, lv=0.0):  # the package stage (--upscaler), or the script's
         if not a.upscaler: return _super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)
         pil = [Image.fromarray(x) for x in to_u8(lo32).permute(0, 2, 3, 1).numpy()]
         seeds = plan["seed"].tolist()[:len(pil)]
@@ -250,18 +240,18 @@ def main(argv=None):
         return to_unit_range(torch.from_numpy(np.stack([np.asarray(o) for o in out])).permute(0, 3, 1, 2).contiguous())
     for g in a.guidance:
         for lv in levels:
-            rows.append(score(judges, to_u8(super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)), truth,
+            rows.append(score(judges, to_u8(super_resolve(lo32, g, lv)), truth,
                               source="real -> 32 px", stage=tag(g, lv)))
     b32, base_rate = render_run(Path(a.base), plan, a, a.base_sampler)
     lo32 = to_unit_range(b32)
     name = f"{Path(a.base).parent.name}/{Path(a.base).name}"
-    rows.append(score(judges, to_u8(upsample(lo32)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
+    rows.append(score(judges, to_u8(upsample(lo32, HIGH)), truth, source=f"base {name}, {a.base_sampler}", stage="bicubic", img_s=base_rate))
     if a.compile and not a.upscaler: unet = torch.compile(unet)  # load_pipeline compiled the package stage
     for g in a.guidance:
         for lv in levels:
-            if a.compile: super_resolve(unet, lo32[:a.sample_batch], emb, mask, nemb, nmask, a, g, lv)  # compiles, not timed
+            if a.compile: super_resolve(lo32[:a.sample_batch], g, lv)  # compiles, not timed
             t0 = time.perf_counter()
-            x = super_resolve(unet, lo32, emb, mask, nemb, nmask, a, g, lv)
+            x = super_resolve(lo32, g, lv)
             sr_rate = len(x) / (time.perf_counter() - t0)
             rows.append(score(judges, to_u8(x), truth, source=f"base {name}, {a.base_sampler}", stage=tag(g, lv),
                               img_s=1 / (1 / base_rate + 1 / sr_rate)))

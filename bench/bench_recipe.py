@@ -146,6 +146,14 @@ def steps_in(budget: dict, minutes: float, share: float = BUDGET_SHARE) -> int:
     return steps
 
 
+def probed_budget(path: Path, work: Path, records: Path, captions: Path, preset: dict, threads: int) -> dict:
+    "The probes' rates of `preset`'s recipe, measured once per working folder and kept in `path` (resumable)"
+    if path.is_file(): return json.loads(path.read_text())
+    budget = budget_steps(work, records, captions, preset, threads)
+    path.write_text(json.dumps(budget))
+    return budget
+
+
 def train_generator(work: Path, records: Path, captions: Path, preset: dict, threads: int, steps: int, name: str|None = None,
                     ) -> tuple[Path, float|None]:
     "Train the preset's recipe for `steps`; returns the run folder and the wall-clock minutes (None if it was already trained)"
@@ -235,22 +243,14 @@ def main(argv=None):
     up_budget, up_steps, up_run, up_minutes = None, None, None, None
     base_minutes = preset["train_minutes"] * (1 - stage["share"]) if stage else preset["train_minutes"]
     if not a.run:
-        steps_file = work / f"steps_{a.preset}.json"  # the probes run once per working folder (resumable)
         if a.steps != "budget": train_steps = int(a.steps)
         else:
-            if steps_file.is_file(): budget = json.loads(steps_file.read_text())
-            else:
-                budget = budget_steps(work, records, captions, preset, a.threads)
-                steps_file.write_text(json.dumps(budget))
+            budget = probed_budget(work / f"steps_{a.preset}.json", work, records, captions, preset, a.threads)
             train_steps = steps_in(budget, base_minutes)
         if stage:  # the super-resolution stage gets its share of the minutes, measured by its own probes
-            up_file = work / f"steps_{a.preset}_upscaler.json"
             if a.steps != "budget": up_steps = stage["steps"] * int(a.steps) // preset["steps"]
             else:
-                if up_file.is_file(): up_budget = json.loads(up_file.read_text())
-                else:
-                    up_budget = budget_steps(work, records, captions, stage, a.threads)
-                    up_file.write_text(json.dumps(up_budget))
+                up_budget = probed_budget(work / f"steps_{a.preset}_upscaler.json", work, records, captions, stage, a.threads)
                 up_steps = steps_in(up_budget, preset["train_minutes"] * stage["share"])
     run, minutes = (Path(a.run), None) if a.run else train_generator(work, records, captions, preset, a.threads, train_steps)
     if stage:

@@ -598,14 +598,18 @@ def model_hash(path: str|Path,  # a model folder
     for root, f in files: h.update(f"{f.relative_to(root).as_posix()}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
+def _pipeline_configs(folder: Path) -> tuple[dict, int, dict|None]:
+    "The UNet config, patch size and VAE config (None for pixel-space models) of the pipeline in `folder`; raises OSError, KeyError, ..."
+    vae = folder / "vae" / "config.json"
+    return (json.loads((folder / "unet" / "config.json").read_text()),
+            json.loads((folder / "model_index.json").read_text()).get("patch_size", 1),
+            json.loads(vae.read_text()) if vae.is_file() else None)
+
 def _size_multiple(folder: Path) -> int|None:
     "The factor image sides must be multiples of, from the UNet (and VAE, or patch size) configs in `folder`; None if unknown"
     try:
-        f = 2 ** (len(json.loads((folder / "unet" / "config.json").read_text())["block_out_channels"]) - 1)
-        f *= json.loads((folder / "model_index.json").read_text()).get("patch_size", 1)
-        if (folder / "vae" / "config.json").is_file():
-            f *= 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-        return f
+        unet, patch, vae = _pipeline_configs(folder)
+        return 2 ** (len(unet["block_out_channels"]) - 1) * patch * (2 ** (len(vae["block_out_channels"]) - 1) if vae else 1)
     except (OSError, KeyError, TypeError, json.JSONDecodeError): return None
 
 def stage_low_res(folder: str|Path,  # a model folder
@@ -618,12 +622,9 @@ def stage_low_res(folder: str|Path,  # a model folder
 def native_resolution(folder: str|Path,  # a compact or Stable Diffusion pipeline folder
                      ) -> int|None:  # the training image side, px; None if the configs do not say
     "The side of the images the model in `folder` draws by default, from its UNet (and VAE, or patch size) configs"
-    folder = Path(folder)
     try:
-        side = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
-        side *= json.loads((folder / "model_index.json").read_text()).get("patch_size", 1)
-        if (folder / "vae" / "config.json").is_file():
-            side *= 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+        unet, patch, vae = _pipeline_configs(Path(folder))
+        side = unet["sample_size"] * patch * (2 ** (len(vae["block_out_channels"]) - 1) if vae else 1)
         return side if isinstance(side, int) else None
     except (OSError, KeyError, TypeError, json.JSONDecodeError): return None
 

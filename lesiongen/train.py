@@ -748,23 +748,25 @@ def compute_loss(unet, batch: dict, noise_scheduler, cfg: TrainConfig,
                 ) -> torch.Tensor:  # scalar loss
     "Noise `batch['x0']`, predict with `unet` and return the (Min-SNR weighted) MSE"
     from diffusers.training_utils import compute_snr
-    x0, low_res = batch["x0"], cfg.model_config.get("low_res") if cfg.base == "compact" else None
+    mc, CC = cfg.model_config, _model.CompactConfig  # fields of the model config, or their dataclass defaults (checked at load)
+    x0, low_res = batch["x0"], mc.get("low_res") if cfg.base == "compact" else None
     if low_res:  # a super-resolution stage learns the scaled residual over the upsampled low-res image, reading a noisy copy of it
-        cc = compact_config(cfg)
         lo = _model.low_res_condition(x0, low_res)
-        x0 = ((x0 - lo) * cc.residual_scale).clamp(-1, 1)
+        x0 = ((x0 - lo) * mc.get("residual_scale", CC.residual_scale)).clamp(-1, 1)
     noise = torch.randn_like(x0)
     if cfg.noise_offset:  # a constant per image and channel: the image mean is then hidden at high noise, as the rest is
         noise = noise + cfg.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device).long()
     noisy = noise_scheduler.add_noise(x0, noise, t)
-    if low_res: noisy = torch.cat([noisy, lo + torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) * cc.low_res_noise * torch.randn_like(lo)], 1)
+    if low_res:
+        std = torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) * mc.get("low_res_noise", CC.low_res_noise)
+        noisy = torch.cat([noisy, lo + std * torch.randn_like(lo)], 1)
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon": target = noise
     elif kind == "v_prediction": target = noise_scheduler.get_velocity(x0, noise, t)
     else: raise LesionGenError(f"unsupported prediction_type {kind!r}")
     kw = {} if batch["mask"] is None else {"encoder_attention_mask": batch["mask"]}
-    pred = _model.unet_forward(unet, noisy.to(weight_dtype), t, cfg.model_config.get("patch_size", 1),  # a patched model folds and unfolds
+    pred = _model.unet_forward(unet, noisy.to(weight_dtype), t, mc.get("patch_size", CC.patch_size),  # a patched model folds and unfolds
                                encoder_hidden_states=batch["hidden"].to(weight_dtype), **kw)
     if cfg.snr_gamma is None: return F.mse_loss(pred.float(), target.float(), reduction="mean")
     snr = compute_snr(noise_scheduler, t)
