@@ -52,11 +52,14 @@ the sampler's drop against the reference and the rows above them.
 
 `--model-config FILE` trains another architecture under the preset's budget, data, judges and sampler (a JSON file of
 `CompactConfig` fields, as `lesiongen train --model-config` reads), e.g. `bench/recipes/compact64_patch2.json`, the
-64 px model on a 32x32 grid of 2x2-pixel patches, measured and not adopted (07_generate).
+64 px model on a 32x32 grid of 2x2-pixel patches, measured and not adopted (07_generate). At `--preset 64c` it replaces
+the base's, and `--upscaler-model-config FILE` the super-resolution stage's (e.g. the `*_drop.json` recipes, which
+leave clauses stating an absence out of the text sequence, `CompactConfig.negated_clauses`).
 
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
        python bench/bench_recipe.py --preset 64 --work /tmp/recipe64 [--judge-seeds 3] [--presence-judges]
        python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
+                                    [--model-config BASE.json] [--upscaler-model-config STAGE.json]
 """
 import argparse, json, logging, shutil, subprocess, sys, time
 from pathlib import Path
@@ -218,6 +221,8 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="sample with the eager UNet (default: torch.compile, timed apart)")
     p.add_argument("--model-config", help="a JSON file of CompactConfig fields replacing the preset's architecture "
                                            "(e.g. bench/recipes/compact64_patch2.json)")
+    p.add_argument("--upscaler-model-config", help="preset 64c: a JSON file of CompactConfig fields replacing the stage's "
+                                                    "(e.g. bench/recipes/compact64_sr_drop.json)")
     p.add_argument("--judge-seeds", type=int, default=1, help="judges of the headline attributes at seeds 0..K-1 (32 px: dx, fitzpatrick; 64 px: the concepts); "
                                                                  "extra rows give each headline measure's mean, min and max")
     p.add_argument("--presence-judges", action="store_true", help="64 px: also read the concepts with absent/present judges (JudgeConfig(presence=True))")
@@ -233,6 +238,10 @@ def main(argv=None):
     if a.judge_seeds < 1: p.error(f"--judge-seeds must be >= 1, got {a.judge_seeds}")
     if a.preset == "32" and a.presence_judges: p.error("--presence-judges applies to --preset 64 (the concepts)")
     stage = preset.get("upscaler")  # the cascade's second model
+    if a.upscaler_model_config:
+        if not stage: p.error("--upscaler-model-config applies to --preset 64c")
+        if not Path(a.upscaler_model_config).is_file(): p.error(f"--upscaler-model-config: no such file {a.upscaler_model_config!r}")
+        stage = {**stage, "model_config": Path(a.upscaler_model_config)}
     if a.upscaler_run and not stage: p.error("--upscaler-run applies to --preset 64c")
     if stage and bool(a.run) != bool(a.upscaler_run): p.error("--preset 64c reuses both stages or neither: pass --run and --upscaler-run together")
     work.mkdir(parents=True, exist_ok=True)

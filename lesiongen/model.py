@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA_TARGETS', 'LORA_WEIGHT_NAME', 'SD14_UNET_CONFIG',
-           'PREDICTION_TYPES', 'BETA_SCHEDULES', 'TEXT_UNITS', 'ADDITION_EMBED_TYPES', 'default_dtype', 'freeze',
-           'count_params', 'looks_local', 'load_stable_diffusion', 'tiny_components', 'tiny_stable_diffusion',
-           'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora', 'load_lora', 'CompactConfig',
-           'compact_unet', 'unet_forward', 'compact_noise_scheduler', 'sampling_scheduler', 'upsample',
-           'low_res_condition', 'minilm_path', 'load_text_encoder', 'split_clauses', 'encode_clauses', 'text_length',
-           'encode_text', 'guided_steps', 'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
+           'PREDICTION_TYPES', 'BETA_SCHEDULES', 'TEXT_UNITS', 'NEGATED_CLAUSES', 'ADDITION_EMBED_TYPES',
+           'default_dtype', 'freeze', 'count_params', 'looks_local', 'load_stable_diffusion', 'tiny_components',
+           'tiny_stable_diffusion', 'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora',
+           'load_lora', 'CompactConfig', 'compact_unet', 'unet_forward', 'compact_noise_scheduler',
+           'sampling_scheduler', 'upsample', 'low_res_condition', 'minilm_path', 'load_text_encoder', 'split_clauses',
+           'is_negated', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps', 'LesionGenPipelineOutput',
+           'LesionGenPipeline', 'compact_pipeline']
 
 # %% ../nbs/04_model.ipynb #a1567663
 def default_dtype(device: str|torch.device|None = None,  # target device; None: the CPU
@@ -259,6 +260,7 @@ def load_lora(pipe: DiffusionPipeline,  # a `StableDiffusionPipeline` or `Lesion
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TEXT_UNITS = ("token", "clause", "token+clause")
+NEGATED_CLAUSES = ("keep", "drop")  # `CompactConfig.negated_clauses`
 ADDITION_EMBED_TYPES = (None, "text")
 
 @dataclass
@@ -284,6 +286,9 @@ class CompactConfig:
     text_units: str = "token"  # the text sequence: `token` (the encoder's token states), `clause` (one sentence
     # embedding per comma-separated clause) or `token+clause` (both, concatenated), see `encode_text`
     max_text_clauses: int = 24  # clauses per caption when `text_units` has clauses; more are truncated, 1–256
+    negated_clauses: str = "keep"  # `drop`: clauses that state an absence ("no streaks", "streaks absent", `is_negated`)
+    # are left out of the clause sequence, so a finding is present exactly when its clause is there: a sentence encoder
+    # puts "no streaks" within cosine 0.8 of "regular streaks" (0.95 for the veil), which leaves the UNet a faint cue
     addition_embed_type: str|None = None  # None: text enters through cross-attention only; `text`: an attention-pooled
     # caption embedding is also added to the time embedding, so the caption reaches every level (diffusers' name)
     addition_embed_type_num_heads: int = 8  # heads of that attention pooling; divides `cross_attention_dim`
@@ -333,6 +338,10 @@ class CompactConfig:
             raise LesionGenError(f"text_units must be one of {TEXT_UNITS}, got {self.text_units!r}")
         if not 1 <= self.max_text_clauses <= 256:
             raise LesionGenError(f"max_text_clauses must be in 1–256, got {self.max_text_clauses}")
+        if self.negated_clauses not in NEGATED_CLAUSES:
+            raise LesionGenError(f"negated_clauses must be one of {NEGATED_CLAUSES}, got {self.negated_clauses!r}")
+        if self.negated_clauses == "drop" and "clause" not in self.text_units:
+            raise LesionGenError(f"negated_clauses='drop' needs clauses in the text sequence, got text_units={self.text_units!r}")
         if self.addition_embed_type not in ADDITION_EMBED_TYPES:
             raise LesionGenError(f"addition_embed_type must be one of {ADDITION_EMBED_TYPES}, got {self.addition_embed_type!r}")
         h = self.addition_embed_type_num_heads
@@ -456,6 +465,13 @@ def split_clauses(text: str,  # a caption
     "Split a caption at commas, semicolons, line breaks and sentence-ending full stops (not at `1.5 mm`)"
     return [c.strip() for c in _CLAUSE_BREAK.split(text) if c.strip()]
 
+_NEGATED = re.compile(r"^(?:[\w -]+:\s*)?(?:no|without)\s|\s(?:absent|not seen)$", re.IGNORECASE)  # after an optional `Label: `
+
+def is_negated(clause: str,  # one clause (`split_clauses`)
+              ) -> bool:  # True: it states that a finding is absent
+    "Whether `clause` states an absence in the caption builders' forms: `no X`, `without X`, `X absent`, `X not seen`"
+    return bool(_NEGATED.search(clause.strip()))
+
 @torch.no_grad()
 def encode_clauses(texts: Sequence[str],  # captions
                    tokenizer, encoder: torch.nn.Module,  # the frozen sentence encoder and its tokenizer
@@ -463,10 +479,13 @@ def encode_clauses(texts: Sequence[str],  # captions
                    device: torch.device|None = None,  # where to run; None: the encoder's device
                    batch_size: int = 64,  # clauses per forward pass
                    max_clause_tokens: int = 128,  # tokens per clause incl. special tokens
+                   negated: str = "keep",  # `drop`: leave out clauses that state an absence (`is_negated`)
                   ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B, max_length, D] float32, mask [B, max_length] int64)
     "Encode each caption as the sequence of its clauses' sentence embeddings (mean of token states over the clause)"
     device = device if device is not None else next(encoder.parameters()).device
-    parts = [split_clauses(t) or [""] for t in texts]  # the empty prompt is one empty clause ([CLS] [SEP])
+    if negated not in NEGATED_CLAUSES: raise LesionGenError(f"negated must be one of {NEGATED_CLAUSES}, got {negated!r}")
+    keep = (lambda c: not is_negated(c)) if negated == "drop" else (lambda c: True)
+    parts = [[c for c in split_clauses(t) if keep(c)] or [""] for t in texts]  # the empty prompt is one empty clause ([CLS] [SEP])
     n_cut = sum(len(p) > max_length for p in parts)
     if n_cut: logger.warning(f"{n_cut} of {len(texts)} captions have more than {max_length} clauses and were truncated")
     parts = [p[:max_length] for p in parts]
@@ -497,6 +516,7 @@ def encode_text(texts: str|Sequence[str],  # captions
                 batch_size: int = 64,  # captions (clauses) per forward pass, >= 1
                 units: str = "token",  # `token`: one position per token; `clause`: one per clause (`encode_clauses`); `token+clause`: both
                 max_clauses: int = 24,  # clauses per caption when `units` has clauses
+                negated: str = "keep",  # clauses stating an absence: `keep` or `drop` (`encode_clauses`)
                ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B, L, D] float32, attention mask [B, L] int64), L = `text_length`
     "Encode `texts` into padded token (or clause) embeddings and their attention mask"
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -504,10 +524,10 @@ def encode_text(texts: str|Sequence[str],  # captions
     if batch_size < 1: raise LesionGenError(f"batch_size must be >= 1, got {batch_size}")
     if units not in TEXT_UNITS: raise LesionGenError(f"units must be one of {TEXT_UNITS}, got {units!r}")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    if units == "clause": return encode_clauses(texts, tokenizer, encoder, max_clauses, device, batch_size)
+    if units == "clause": return encode_clauses(texts, tokenizer, encoder, max_clauses, device, batch_size, negated=negated)
     if units == "token+clause":
         (te, tm), (ce, cm) = (encode_text(texts, tokenizer, encoder, max_length, device, batch_size),
-                              encode_clauses(texts, tokenizer, encoder, max_clauses, device, batch_size))
+                              encode_clauses(texts, tokenizer, encoder, max_clauses, device, batch_size, negated=negated))
         return torch.cat([te, ce], 1), torch.cat([tm, cm], 1)
     tok = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = (tok.attention_mask.sum(1) == max_length).nonzero().flatten().tolist()
@@ -550,6 +570,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  use_attention_mask: bool = True,  # pass the text padding mask to cross-attention (as in training)
                  text_units: str = "token",  # `token`, `clause` or `token+clause` text sequence (as in training)
                  max_text_clauses: int = 24,  # clauses per caption when `text_units` has clauses (as in training)
+                 negated_clauses: str = "keep",  # clauses stating an absence: `keep` or `drop` (as in training)
                  patch_size: int = 1,  # pixels per side folded into the UNet's channels (`CompactConfig.patch_size`)
                  low_res: int|None = None,  # a super-resolution stage: the side of its low-res input (`CompactConfig.low_res`)
                  residual_scale: float = 4.0,  # super-resolution: the scale of the residual the UNet draws (`CompactConfig.residual_scale`)
@@ -558,7 +579,7 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         freeze(text_encoder)
         self.register_modules(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
         self.register_to_config(max_text_tokens=max_text_tokens, use_attention_mask=use_attention_mask, text_units=text_units,
-                                max_text_clauses=max_text_clauses, patch_size=patch_size, low_res=low_res,
+                                max_text_clauses=max_text_clauses, negated_clauses=negated_clauses, patch_size=patch_size, low_res=low_res,
                                 residual_scale=residual_scale)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
@@ -585,6 +606,11 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def max_text_clauses(self) -> int:
         "Clauses per caption when the text sequence has clauses (pipelines saved before clauses: 24, unused)"
         return getattr(self.config, "max_text_clauses", 24)
+
+    @property
+    def negated_clauses(self) -> str:
+        "Clauses stating an absence: `keep` or `drop` (pipelines saved before the option: `keep`)"
+        return getattr(self.config, "negated_clauses", "keep")
 
     @property
     def text_length(self) -> int:
@@ -617,7 +643,8 @@ class LesionGenPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                      ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B*n, T, D] in the UNet dtype, mask [B*n, T])
         "Encode `prompt` with the frozen text encoder"
         emb, mask = encode_text(prompt, self.tokenizer, self.text_encoder, max_length=self.config.max_text_tokens,
-                                device=device, units=self.text_units, max_clauses=self.max_text_clauses)
+                                device=device, units=self.text_units, max_clauses=self.max_text_clauses,
+                                negated=self.negated_clauses)
         emb = emb.to(dtype=self.unet.dtype)
         return emb.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
 
@@ -804,5 +831,6 @@ def compact_pipeline(cfg: CompactConfig,  # the compact model's settings
     scheduler = scheduler or sampling_scheduler(compact_noise_scheduler(cfg), thresholding=cfg.thresholding)
     return LesionGenPipeline(unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=encoder,
                              max_text_tokens=cfg.max_text_tokens, use_attention_mask=cfg.use_attention_mask,
-                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses, patch_size=cfg.patch_size,
+                             text_units=cfg.text_units, max_text_clauses=cfg.max_text_clauses,
+                             negated_clauses=cfg.negated_clauses, patch_size=cfg.patch_size,
                              low_res=cfg.low_res, residual_scale=cfg.residual_scale)

@@ -654,6 +654,7 @@ def encode_prompts(texts: Sequence[str],   # prompts to encode (duplicates are e
                    encoder_name: str = "",  # part of the disk-cache key
                    units: str = "token",   # compact: `token`, `clause` or `token+clause` (`model.encode_text`)
                    max_clauses: int = 24,  # compact: clauses per caption when `units` has clauses
+                   negated: str = "keep",  # compact: clauses stating an absence, `keep` or `drop` (`model.encode_clauses`)
                   ) -> dict:  # `hidden` [U+1, T, D] float32 (row 0: empty prompt), `mask` [U+1, T] or None, `index` [N] rows of `texts`
     "Encode the distinct `texts` and the empty prompt once with the frozen text encoder"
     uniq = [""] + sorted(set(texts) - {""})
@@ -663,7 +664,8 @@ def encode_prompts(texts: Sequence[str],   # prompts to encode (duplicates are e
         ids = tokenizer(uniq, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
         hidden = torch.cat([text_encoder(ids[i:i + 64].to(device))[0].float().cpu() for i in range(0, len(ids), 64)])
         return dict(hidden=hidden, mask=None, index=index)
-    tag = f"{encoder_name}|{max_length}" + ("" if units == "token" else f"|{units}|{max_clauses}")  # token keys predate `units`
+    tag = (f"{encoder_name}|{max_length}" + ("" if units == "token" else f"|{units}|{max_clauses}")  # token keys predate `units`
+           + ("" if negated == "keep" else f"|{negated}"))
     cache, path = {}, None
     if cache_dir is not None:
         path = Path(cache_dir) / f"text-{hashlib.sha256(tag.encode()).hexdigest()[:12]}.safetensors"
@@ -674,7 +676,7 @@ def encode_prompts(texts: Sequence[str],   # prompts to encode (duplicates are e
     todo = [t for t in uniq if _cache_key(t, tag) + ".hidden" not in cache]
     if todo:
         h, m = _model.encode_text(todo, tokenizer, text_encoder, max_length=max_length, device=device, units=units,
-                                  max_clauses=max_clauses)
+                                  max_clauses=max_clauses, negated=negated)
         for t, hi, mi in zip(todo, h.float().cpu(), m.cpu()):
             cache[_cache_key(t, tag) + ".hidden"], cache[_cache_key(t, tag) + ".mask"] = hi.contiguous(), mi.contiguous()
         if path is not None:
@@ -1094,7 +1096,8 @@ def train(cfg: TrainConfig,  # the run settings (`TrainConfig.compact()`, `Train
     data["text"] = encode_prompts(checked["texts"], components["tokenizer"], components["text_encoder"], compact=ccfg is not None,
                                   max_length=ccfg.max_text_tokens if ccfg else components["tokenizer"].model_max_length,
                                   device=device, cache_dir=cfg.text_cache_dir, encoder_name=ccfg.text_encoder if ccfg else "",
-                                  units=ccfg.text_units if ccfg else "token", max_clauses=ccfg.max_text_clauses if ccfg else 24)
+                                  units=ccfg.text_units if ccfg else "token", max_clauses=ccfg.max_text_clauses if ccfg else 24,
+                                  negated=ccfg.negated_clauses if ccfg else "keep")
     if ccfg is not None and not ccfg.use_attention_mask: data["text"]["mask"] = None
     logger.info(f"{n} training images, {len(data['text']['hidden']) - 1} distinct captions encoded once")
 
