@@ -978,9 +978,9 @@ def _note_truncation(pipe, texts) -> None:
         n = sum(len(ids) > limit for ids in pipe.tokenizer(uniq, truncation=False, verbose=False)["input_ids"])
         if n: logger.info(f"{n} of {len(uniq)} distinct captions exceed the text encoder's {limit} tokens and are truncated, as in training")
     if "clause" in units:
-        from .model import split_clauses, is_negated
-        limit, drop = pipe.max_text_clauses, getattr(pipe, "negated_clauses", "keep") == "drop"
-        n = sum(sum(not (drop and is_negated(c)) for c in split_clauses(t)) > limit for t in uniq)
+        from .model import read_clauses
+        limit = pipe.max_text_clauses
+        n = sum(len(read_clauses(t, pipe.negated_clauses)) > limit for t in uniq)
         if n: logger.info(f"{n} of {len(uniq)} distinct captions have more than {limit} clauses and are truncated, as in training")
 
 def generate(cfg: GenConfig,  # the dataset settings

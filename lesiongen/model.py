@@ -28,8 +28,8 @@ __all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA
            'tiny_stable_diffusion', 'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora',
            'load_lora', 'CompactConfig', 'compact_unet', 'unet_forward', 'compact_noise_scheduler',
            'sampling_scheduler', 'upsample', 'low_res_condition', 'minilm_path', 'load_text_encoder', 'split_clauses',
-           'is_negated', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps', 'LesionGenPipelineOutput',
-           'LesionGenPipeline', 'compact_pipeline']
+           'is_negated', 'read_clauses', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps',
+           'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
 
 # %% ../nbs/04_model.ipynb #a1567663
 def default_dtype(device: str|torch.device|None = None,  # target device; None: the CPU
@@ -472,6 +472,13 @@ def is_negated(clause: str,  # one clause (`split_clauses`)
     "Whether `clause` states an absence in the caption builders' forms: `no X`, `without X`, `X absent`, `X not seen`"
     return bool(_NEGATED.search(clause.strip()))
 
+def read_clauses(text: str,  # a caption
+                 negated: str = "keep",  # `drop`: leave out the clauses that state an absence (`is_negated`)
+                ) -> list[str]:  # the clauses a clause-reading model sees, in order
+    "Split `text` into clauses (`split_clauses`), without those stating an absence when `negated` is `drop`"
+    if negated not in NEGATED_CLAUSES: raise LesionGenError(f"negated must be one of {NEGATED_CLAUSES}, got {negated!r}")
+    return [c for c in split_clauses(text) if negated == "keep" or not is_negated(c)]
+
 @torch.no_grad()
 def encode_clauses(texts: Sequence[str],  # captions
                    tokenizer, encoder: torch.nn.Module,  # the frozen sentence encoder and its tokenizer
@@ -483,9 +490,7 @@ def encode_clauses(texts: Sequence[str],  # captions
                   ) -> tuple[torch.Tensor, torch.Tensor]:  # (embeddings [B, max_length, D] float32, mask [B, max_length] int64)
     "Encode each caption as the sequence of its clauses' sentence embeddings (mean of token states over the clause)"
     device = device if device is not None else next(encoder.parameters()).device
-    if negated not in NEGATED_CLAUSES: raise LesionGenError(f"negated must be one of {NEGATED_CLAUSES}, got {negated!r}")
-    keep = (lambda c: not is_negated(c)) if negated == "drop" else (lambda c: True)
-    parts = [[c for c in split_clauses(t) if keep(c)] or [""] for t in texts]  # the empty prompt is one empty clause ([CLS] [SEP])
+    parts = [read_clauses(t, negated) or [""] for t in texts]  # the empty prompt is one empty clause ([CLS] [SEP])
     n_cut = sum(len(p) > max_length for p in parts)
     if n_cut: logger.warning(f"{n_cut} of {len(texts)} captions have more than {max_length} clauses and were truncated")
     parts = [p[:max_length] for p in parts]
