@@ -28,7 +28,7 @@ from .train import data_root_of, load_image
 __all__ = ['logger', 'PRESENCE', 'presence_of', 'scored_attributes', 'judge_images', 'Scores', 'score_labels', 'load_images',
            'record_truth', 'held_out_rows', 'real_reference', 'image_itas', 'skin_tone_check', 'AdherenceReport',
            'adherence', 'prompt_blind', 'counterfactual_control', 'read_generated', 'set_adherence', 'plot_adherence',
-           'regeneration', 'plot_regeneration']
+           'regeneration', 'plot_regeneration', 'high_frequency', 'residual_noise']
 
 # %% ../nbs/07a_adherence.ipynb #d1f3d4ac
 logger = logging.getLogger(__name__)
@@ -426,3 +426,24 @@ def plot_regeneration(table: pd.DataFrame,  # from `regeneration`
     ax.set_xlabel("strength (0: the real image, 1: from pure noise)"); ax.set_ylabel("balanced agreement")
     ax.set_ylim(0, 1); ax.set_title(title, fontsize=10); ax.legend(fontsize=7, ncol=2)
     return ax
+
+# %% ../nbs/07a_adherence.ipynb #ea22f4ff
+def high_frequency(images: Sequence,  # PIL images or uint8 arrays (H, W[, C])
+                  ) -> np.ndarray:  # one value per image
+    "Mean absolute 3×3 Laplacian of each image's grey levels in [0, 1]: 0 on a flat image, large where pixel noise is left"
+    from scipy import ndimage
+    def grey(im) -> np.ndarray:
+        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255
+    return np.array([np.abs(ndimage.laplace(grey(im))).mean() for im in images])
+
+def residual_noise(images: Sequence,  # generated images (PIL or uint8 arrays)
+                   real: Sequence,    # real images of the same side (e.g. a test split, resized as the judges see it)
+                  ) -> float:  # median high-frequency energy of `images` over that of `real`
+    "How much more high-frequency energy generated images carry than real ones: ~1 or below when clean, several times 1 when a sampler leaves noise"
+    if not len(images) or not len(real): raise LesionGenError(f"residual_noise needs images on both sides, got {len(images)} generated and {len(real)} real")
+    sides = {np.asarray(im).shape[:2] for im in [*images, *real]}
+    if len(sides) > 1: raise LesionGenError(f"residual_noise compares images of one side, got sizes {sorted(sides)}")
+    ref = float(np.median(high_frequency(real)))
+    if ref == 0: raise LesionGenError("the real images are flat (zero high-frequency energy): nothing to compare with")
+    return float(np.median(high_frequency(images))) / ref
