@@ -62,10 +62,11 @@ leave clauses stating an absence out of the text sequence, `CompactConfig.negate
 
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
        python bench/bench_recipe.py --preset 64 --work /tmp/recipe64 [--judge-seeds 3] [--presence-judges]
+                                    [--sampler dpmpp_sde:8] [--reference dpmpp_sde:25]
        python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
-                                    [--model-config BASE.json] [--upscaler-model-config STAGE.json]
+                                    [--model-config BASE.json] [--upscaler-model-config STAGE.json] [--upscaler-sampler dpmpp_sde:8:3]
 """
-import argparse, json, logging, shutil, subprocess, sys, time
+import argparse, json, logging, math, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -260,8 +261,10 @@ def main(argv=None):
         ok = len(f) in parts and f[0] in SCHEDULERS and f[1].isdigit() and int(f[1]) > 0
         try: g = float(f[2]) if ok and len(f) == 3 else None
         except ValueError: ok = False
-        if not ok or (g is not None and g < 0): p.error(f"{flag}: expected SCHED:STEPS{'[:GUIDANCE]' if 2 in parts else ':GUIDANCE'} with "
-                                                        f"SCHED one of {SCHEDULERS}, STEPS > 0, GUIDANCE >= 0; got {value!r}")
+        form = {(2,): "SCHED:STEPS", (2, 3): "SCHED:STEPS[:GUIDANCE]", (3,): "SCHED:STEPS:GUIDANCE"}[parts]
+        if not ok or (g is not None and not (math.isfinite(g) and g >= 0)):
+            p.error(f"{flag}: expected {form} with SCHED one of {SCHEDULERS}, STEPS > 0" + (", GUIDANCE >= 0" if 3 in parts else "")
+                    + f"; got {value!r}")
         return (f[0], int(f[1])) + ((g,) if g is not None else ())
     if a.sampler:
         s = sampler_arg("--sampler", a.sampler, (2, 3))
@@ -312,7 +315,8 @@ def main(argv=None):
     headline = [h for h in HEADLINE[a.preset] if h[0] in judges.attributes]
     readings = judge_readings(judge_sets(work, jdir, judges, records, [h[0] for h in headline], a.judge_seeds,
                                          a.presence_judges, a.threads), imgs, plan, records, headline) if spread else None
-    # the reference: 25-step DPM-Solver++ at the same guidance, every step; the fast sampler may lose at most 0.05
+    # the reference: the preset's 25-step sampler (or --reference) at the same guidance, every step; the fast sampler
+    # may lose at most 0.05 against it
     # a cascade renders both stages with the reference sampler, each at its preset guidance
     ref_up = dict(up, upscaler_sampler=(*reference, PRESETS[a.preset]["upscaler"]["sampler"][2])) if stage else {}
     imgs25, ips25 = render(pipe, plan, *reference, g, a.batch, **ref_up)
