@@ -13,7 +13,7 @@ agreement. Targets of issue 7 (32 px): relative dx adherence >= 0.9, Fitzpatrick
 Usage: python bench/bench_adherence.py --records R --judges J --models RUN [RUN ...] [--checkpoints]
          [--samplers dpmpp:25 dpmpp:10 dpmpp_sde:25] [--guidance 3] [--intervals 0:1 0.2:0.8] [--n 420] [--cf 40] [--out DIR]
 """
-import argparse, dataclasses, json, logging, time
+import argparse, dataclasses, json, logging, math, time
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +23,25 @@ from safetensors.torch import load_file
 from lesiongen.adherence import adherence, counterfactual_control, real_reference
 from lesiongen.classify import Judges
 from lesiongen.core import DERM7PT_CONCEPTS, RESEARCH_ONLY
-from lesiongen.generate import balanced_plan, counterfactual_plan, load_pipeline, make_scheduler, sample_images, upscale_images
+from lesiongen.generate import SCHEDULERS, balanced_plan, counterfactual_plan, load_pipeline, make_scheduler, sample_images, upscale_images
 from lesiongen.model import compact_pipeline
 from lesiongen.train import TrainConfig, compact_config, list_checkpoints
+
+
+def sampler_spec(flag: str,  # the command-line flag, for the message
+                 value: str,  # SCHED:STEPS or SCHED:STEPS:GUIDANCE
+                 parts: tuple = (2,),  # accepted field counts: (2,), (2, 3) or (3,)
+                ) -> tuple:  # (scheduler, steps) or (scheduler, steps, guidance)
+    "Parse a sampler given on the command line; a bad one raises ValueError naming `flag` and the expected form"
+    f = value.split(":")
+    ok = len(f) in parts and f[0] in SCHEDULERS and f[1].isdigit() and int(f[1]) > 0
+    try: g = float(f[2]) if ok and len(f) == 3 else None
+    except ValueError: ok, g = False, None
+    if not ok or (g is not None and not (math.isfinite(g) and g >= 0)):
+        form = {(2,): "SCHED:STEPS", (2, 3): "SCHED:STEPS[:GUIDANCE]", (3,): "SCHED:STEPS:GUIDANCE"}[parts]
+        raise ValueError(f"{flag}: expected {form} with SCHED one of {SCHEDULERS}, STEPS > 0"
+                         + (", GUIDANCE >= 0" if 3 in parts else "") + f"; got {value!r}")
+    return (f[0], int(f[1])) + ((g,) if g is not None else ())
 
 
 def pipeline_at(run: Path, checkpoint: Path|None):

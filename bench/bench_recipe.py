@@ -39,7 +39,7 @@ steps, which kept the adherence of [0.2, 0.8] at 8 UNet passes per image instead
 lose at most 0.05 on the preset's headline measures (issue 7). The reference is DPM-Solver++ at 32 px and its SDE
 variant at 64 px: the 64 px epsilon-models leave residual noise with the deterministic solver at any step count (5-6x
 the high-frequency energy of real images, `bench/bench_residual_noise.py`, `bench/results/gen64_residual_noise.csv`),
-which the judges read as streaks and dots nobody asked for; at 32 px the deterministic solver leaves none. (Until
+which the judges read as streaks and dots nobody asked for; at 32 px it leaves little (1.2x). (Until
 session 17 the 64 px preset sampled with 8 deterministic DPM-Solver++ steps, chosen because they matched that noisy
 reference, `bench/results/gen64_budget_sampler_adherence.csv`.) `--sampler`, `--upscaler-sampler` and `--reference`
 replace the preset's choices. The UNet runs through `torch.compile` (`lesiongen generate
@@ -66,19 +66,19 @@ Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 
        python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
                                     [--model-config BASE.json] [--upscaler-model-config STAGE.json] [--upscaler-sampler dpmpp_sde:8:3]
 """
-import argparse, json, logging, math, shutil, subprocess, sys, time
+import argparse, json, logging, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_adherence import render  # noqa: E402
+from bench_adherence import render, sampler_spec  # noqa: E402
 
 from lesiongen.adherence import adherence, counterfactual_control, real_reference  # noqa: E402
 from lesiongen.classify import JudgeConfig, Judges, train_judges  # noqa: E402
 from lesiongen.core import RESEARCH_ONLY  # noqa: E402
-from lesiongen.generate import SCHEDULERS, balanced_plan, counterfactual_plan, load_pipeline  # noqa: E402
+from lesiongen.generate import balanced_plan, counterfactual_plan, load_pipeline  # noqa: E402
 
 HERE = Path(__file__).parent
 PRESETS = {
@@ -256,16 +256,8 @@ def main(argv=None):
     if a.upscaler_run and not stage: p.error("--upscaler-run applies to --preset 64c")
     if stage and bool(a.run) != bool(a.upscaler_run): p.error("--preset 64c reuses both stages or neither: pass --run and --upscaler-run together")
     def sampler_arg(flag: str, value: str, parts: tuple) -> tuple:
-        "SCHED:STEPS[:GUIDANCE] -> (scheduler, steps[, guidance]), refused with the flag named"
-        f = value.split(":")
-        ok = len(f) in parts and f[0] in SCHEDULERS and f[1].isdigit() and int(f[1]) > 0
-        try: g = float(f[2]) if ok and len(f) == 3 else None
-        except ValueError: ok = False
-        form = {(2,): "SCHED:STEPS", (2, 3): "SCHED:STEPS[:GUIDANCE]", (3,): "SCHED:STEPS:GUIDANCE"}[parts]
-        if not ok or (g is not None and not (math.isfinite(g) and g >= 0)):
-            p.error(f"{flag}: expected {form} with SCHED one of {SCHEDULERS}, STEPS > 0" + (", GUIDANCE >= 0" if 3 in parts else "")
-                    + f"; got {value!r}")
-        return (f[0], int(f[1])) + ((g,) if g is not None else ())
+        try: return sampler_spec(flag, value, parts)
+        except ValueError as e: p.error(str(e))
     if a.sampler:
         s = sampler_arg("--sampler", a.sampler, (2, 3))
         preset = {**preset, "sampler": (s[0], s[1], s[2] if len(s) == 3 else preset["sampler"][2], (0.0, 1.0))}

@@ -12,7 +12,7 @@ It also writes a figure: one row of real test images, then one row per sampler w
 Usage: python bench/bench_residual_noise.py --model RUN --records records.csv --out bench/results/NAME
                                             [--samplers dpmpp:8 dpmpp:25 dpmpp_sde:8 dpmpp_sde:25] [--n 128] [--guidance 4]
 """
-import argparse, sys
+import argparse, io, sys
 from pathlib import Path
 
 import matplotlib
@@ -24,19 +24,17 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_adherence import render  # noqa: E402
+from bench_adherence import render, sampler_spec  # noqa: E402
 
-from lesiongen.adherence import high_frequency  # noqa: E402
+from lesiongen.adherence import held_out_rows, high_frequency, load_images, residual_noise  # noqa: E402
 from lesiongen.core import RESEARCH_ONLY  # noqa: E402
-from lesiongen.generate import SCHEDULERS, balanced_plan, load_pipeline, native_resolution  # noqa: E402
-from lesiongen.train import data_root_of  # noqa: E402
+from lesiongen.generate import balanced_plan, load_pipeline, native_resolution  # noqa: E402
 
 
-def real_images(records: Path, n: int, side: int) -> list:
-    "The first `n` test-split images of `records`, resized to `side` px as the judges see them"
-    df = pd.read_csv(records).query("split == 'test'").head(n)
-    root = data_root_of(records)
-    return [Image.open(root / f).convert("RGB").resize((side, side), Image.BICUBIC) for f in df["file_name"]]
+def real_images(records: Path, n: int, side: int) -> np.ndarray:
+    "The first `n` test-split images of `records` at `side` px, read as the judges read them (`adherence.load_images`)"
+    df, root = held_out_rows(records, "test")
+    return load_images([root / f for f in df["file_name"].head(n)], side)
 
 
 def main(argv=None):
@@ -48,12 +46,8 @@ def main(argv=None):
     p.add_argument("--show", type=int, default=8, help="images per row of the figure")
     p.add_argument("--threads", type=int, default=2); p.add_argument("--batch", type=int, default=64)
     a = p.parse_args(argv)
-    samplers = []
-    for s in a.samplers:
-        name, _, steps = s.partition(":")
-        if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
-            p.error(f"--samplers: expected SCHED:STEPS with SCHED one of {SCHEDULERS}, got {s!r}")
-        samplers.append((name, int(steps)))
+    try: samplers = [sampler_spec("--samplers", s) for s in a.samplers]
+    except ValueError as e: p.error(str(e))
     if not Path(a.model, "model_index.json").is_file(): p.error(f"--model: {a.model} is not a model folder (no model_index.json)")
     torch.set_num_threads(a.threads)
     side = native_resolution(a.model)
@@ -64,8 +58,8 @@ def main(argv=None):
     rows.append(dict(images="real test images", sampler="", median_high_frequency=real_hf, relative_to_real=1.0, img_s=None))
     for name, steps in samplers:
         ims, ips = render(pipe, plan, name, steps, a.guidance, a.batch)
-        hf = np.median(high_frequency(ims))
-        rows.append(dict(images="generated", sampler=f"{name}:{steps}", median_high_frequency=hf, relative_to_real=hf / real_hf, img_s=ips))
+        rows.append(dict(images="generated", sampler=f"{name}:{steps}", median_high_frequency=np.median(high_frequency(ims)),
+                         relative_to_real=residual_noise(ims, real), img_s=ips))
         shown[f"{name}, {steps} steps"] = ims[:a.show]
     table = pd.DataFrame(rows)
     print(f"model {a.model}, {len(plan)} balanced-plan captions, guidance {a.guidance}; real: {len(real)} test images")
@@ -74,10 +68,11 @@ def main(argv=None):
     table.assign(model=a.model, n=len(plan), guidance=a.guidance).to_csv(out.with_suffix(".csv"), index=False)
     fig, axes = plt.subplots(len(shown), 1, figsize=(1.1 * a.show, 1.25 * len(shown)))
     for ax, (label, ims) in zip(axes, shown.items()):
-        ax.imshow(np.concatenate([np.asarray(im.convert("RGB")) for im in ims], 1), interpolation="nearest")
+        ax.imshow(np.concatenate([np.asarray(im) for im in ims], 1), interpolation="nearest")
         ax.set_title(label, fontsize=8, loc="left"); ax.axis("off")
     fig.suptitle(f"{Path(a.model).name}: same captions and seeds per generated row (synthetic, research use only)", fontsize=8)
-    fig.tight_layout(); fig.savefig(out.with_suffix(".png"), dpi=90); plt.close(fig)
+    fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, dpi=90); plt.close(fig)
+    Image.open(buf).convert("RGB").quantize(256).save(out.with_suffix(".png"), optimize=True)  # a 256-colour PNG: a third of the bytes
     print(RESEARCH_ONLY)
 
 
