@@ -62,7 +62,7 @@ leave clauses stating an absence out of the text sequence, `CompactConfig.negate
 
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
        python bench/bench_recipe.py --preset 64 --work /tmp/recipe64 [--judge-seeds 3] [--presence-judges]
-                                    [--sampler dpmpp_sde:8] [--reference dpmpp_sde:25]
+                                    [--sampler dpmpp_sde:8] [--reference dpmpp_sde:25] [--train-seed 1]
        python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
                                     [--model-config BASE.json] [--upscaler-model-config STAGE.json] [--upscaler-sampler dpmpp_sde:8:3]
 """
@@ -237,6 +237,8 @@ def main(argv=None):
     p.add_argument("--upscaler-sampler", help="preset 64c: SCHED:STEPS:GUIDANCE replacing the super-resolution stage's, e.g. dpmpp_sde:8:1")
     p.add_argument("--reference", help="SCHED:STEPS of the reference renders at the preset's guidance (a cascade renders both "
                                         "stages so); default: the preset's (32: dpmpp:25; 64, 64c: dpmpp_sde:25)")
+    p.add_argument("--train-seed", type=int, default=None, help="seed of the generator's training (lesiongen train --seed; "
+                                                                   "default: train's own, 0): another seed of one recipe measures run-to-run spread")
     p.add_argument("--steps", default="budget",
                    help="training steps: 'budget' (what the preset's minutes buy on this machine, measured) or a number")
     a = p.parse_args(argv)
@@ -246,6 +248,9 @@ def main(argv=None):
     if a.model_config:
         if not Path(a.model_config).is_file(): p.error(f"--model-config: no such file {a.model_config!r}")
         preset = {**preset, "model_config": Path(a.model_config)}
+    if a.train_seed is not None:
+        if a.train_seed < 0: p.error(f"--train-seed must be >= 0, got {a.train_seed}")
+        preset = {**preset, "train_args": [*preset["train_args"], "--seed", str(a.train_seed)]}
     if a.judge_seeds < 1: p.error(f"--judge-seeds must be >= 1, got {a.judge_seeds}")
     if a.preset == "32" and a.presence_judges: p.error("--presence-judges applies to --preset 64 (the concepts)")
     stage = preset.get("upscaler")  # the cascade's second model
@@ -253,6 +258,7 @@ def main(argv=None):
         if not stage: p.error("--upscaler-model-config applies to --preset 64c")
         if not Path(a.upscaler_model_config).is_file(): p.error(f"--upscaler-model-config: no such file {a.upscaler_model_config!r}")
         stage = {**stage, "model_config": Path(a.upscaler_model_config)}
+    if stage and a.train_seed is not None: stage = {**stage, "train_args": [*stage["train_args"], "--seed", str(a.train_seed)]}
     if a.upscaler_run and not stage: p.error("--upscaler-run applies to --preset 64c")
     if stage and bool(a.run) != bool(a.upscaler_run): p.error("--preset 64c reuses both stages or neither: pass --run and --upscaler-run together")
     def sampler_arg(flag: str, value: str, parts: tuple) -> tuple:

@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'SD14_ID', 'PICKLE_SUFFIXES', 'SD14_SCHEDULER', 'PAPER_LORA_TARGETS', 'LORA_WEIGHT_NAME', 'SD14_UNET_CONFIG',
            'PREDICTION_TYPES', 'BETA_SCHEDULES', 'TEXT_UNITS', 'NEGATED_CLAUSES', 'ADDITION_EMBED_TYPES',
-           'default_dtype', 'freeze', 'count_params', 'looks_local', 'load_stable_diffusion', 'tiny_components',
-           'tiny_stable_diffusion', 'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict', 'save_lora',
-           'load_lora', 'CompactConfig', 'compact_unet', 'unet_forward', 'compact_noise_scheduler',
+           'TIME_SCALE_SHIFTS', 'default_dtype', 'freeze', 'count_params', 'looks_local', 'load_stable_diffusion',
+           'tiny_components', 'tiny_stable_diffusion', 'noise_scheduler', 'lora_config', 'add_lora', 'lora_state_dict',
+           'save_lora', 'load_lora', 'CompactConfig', 'compact_unet', 'unet_forward', 'compact_noise_scheduler',
            'sampling_scheduler', 'upsample', 'low_res_condition', 'minilm_path', 'load_text_encoder', 'split_clauses',
            'is_negated', 'read_clauses', 'encode_clauses', 'text_length', 'encode_text', 'guided_steps',
            'LesionGenPipelineOutput', 'LesionGenPipeline', 'compact_pipeline']
@@ -262,6 +262,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TEXT_UNITS = ("token", "clause", "token+clause")
 NEGATED_CLAUSES = ("keep", "drop")  # `CompactConfig.negated_clauses`
 ADDITION_EMBED_TYPES = (None, "text")
+TIME_SCALE_SHIFTS = ("default", "scale_shift")  # `CompactConfig.resnet_time_scale_shift`
 
 @dataclass
 class CompactConfig:
@@ -292,6 +293,9 @@ class CompactConfig:
     addition_embed_type: str|None = None  # None: text enters through cross-attention only; `text`: an attention-pooled
     # caption embedding is also added to the time embedding, so the caption reaches every level (diffusers' name)
     addition_embed_type_num_heads: int = 8  # heads of that attention pooling; divides `cross_attention_dim`
+    resnet_time_scale_shift: str = "default"  # how each ResNet block reads the time (+ pooled caption) embedding,
+    # diffusers' name: `default` adds a per-channel shift; `scale_shift` scales and shifts the normalised features
+    # (FiLM, the adaptive group norm of Dhariwal & Nichol), so the caption can switch a texture's channels off or on
     prediction_type: str = "epsilon"  # what the UNet predicts: `epsilon` (noise) or `v_prediction`
     num_train_timesteps: int = 1000  # diffusion steps of the training schedule
     beta_schedule: str = "squaredcos_cap_v2"  # noise schedule: `squaredcos_cap_v2` (cosine), `linear` or `scaled_linear`
@@ -347,6 +351,8 @@ class CompactConfig:
         h = self.addition_embed_type_num_heads
         if self.addition_embed_type and (not isinstance(h, int) or h < 1 or self.cross_attention_dim % h):
             raise LesionGenError(f"addition_embed_type_num_heads={h!r} must be a positive divisor of cross_attention_dim={self.cross_attention_dim}")
+        if self.resnet_time_scale_shift not in TIME_SCALE_SHIFTS:
+            raise LesionGenError(f"resnet_time_scale_shift must be one of {TIME_SCALE_SHIFTS}, got {self.resnet_time_scale_shift!r}")
         if self.low_res is not None and (isinstance(self.low_res, bool) or not isinstance(self.low_res, int)
                                          or not 0 < self.low_res < self.resolution):
             raise LesionGenError(f"low_res must be None or a side in px below resolution={self.resolution}, got {self.low_res!r}")
@@ -383,7 +389,7 @@ def compact_unet(cfg: CompactConfig,  # the compact model's settings
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
         addition_embed_type=cfg.addition_embed_type, addition_embed_type_num_heads=cfg.addition_embed_type_num_heads,
-        only_cross_attention=cfg.only_cross_attention)
+        only_cross_attention=cfg.only_cross_attention, resnet_time_scale_shift=cfg.resnet_time_scale_shift)
 
 def unet_forward(unet: UNet2DConditionModel,  # the compact UNet
                  sample: torch.Tensor,  # pixel-space input [B, C, H, W]
