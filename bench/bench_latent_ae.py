@@ -23,8 +23,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lesiongen.adherence import held_out_rows, load_images, judge_images, record_truth, score_labels
+from lesiongen.adherence import adherence, held_out_rows, load_images, real_reference
 from lesiongen.classify import Judges
+from lesiongen.train import to_unit_range
 
 
 def autoencoder(latent_channels: int, channels=(32, 64, 64)):
@@ -37,8 +38,8 @@ def autoencoder(latent_channels: int, channels=(32, 64, 64)):
 
 
 def to_unit(x: np.ndarray) -> torch.Tensor:
-    "uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]"
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    "uint8 [N, H, W, 3] (`adherence.load_images`) -> float [N, 3, H, W] in [-1, 1], as training reads images"
+    return to_unit_range(torch.from_numpy(x).permute(0, 3, 1, 2))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -105,11 +106,9 @@ def main(argv=None):
     rec_u8 = to_uint8(rec)
     mse = ((rec_u8.astype(np.float64) - test_u8.astype(np.float64)) / 255) ** 2
     psnr = float(np.mean(-10 * np.log10(np.maximum(mse.reshape(len(mse), -1).mean(1), 1e-10))))
-    attrs = list(judges.attributes)
-    truth = record_truth(test_df, attrs, getattr(judges, "presence", ()))
-    real = score_labels(truth, judge_images(judges, test_u8, attrs)).table.set_index("attribute")
-    recon = score_labels(truth, judge_images(judges, rec_u8, attrs)).table.set_index("attribute")
-    table = pd.DataFrame({"real": real["balanced_agreement"], "reconstructed": recon["balanced_agreement"]})
+    # the reconstructions scored against the test images' true attributes, beside the judges on the originals
+    rep = adherence(judges, rec_u8, test_df, real_reference(judges, a.records, split="test"), ita=False).table.set_index("attribute")
+    table = pd.DataFrame({"real": rep["real_balanced_agreement"], "reconstructed": rep["balanced_agreement"]})
     table["drop"] = table["real"] - table["reconstructed"]
     lat_shape = tuple(lat.shape[1:])
     table = table.reset_index().assign(latent="x".join(map(str, lat_shape)), ae_steps=fit["steps"],

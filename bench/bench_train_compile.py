@@ -51,8 +51,7 @@ def main(argv=None):
     if a.warmup < 1: p.error(f"--warmup must be >= 1 (the compiled variant compiles there), got {a.warmup}")
     if not Path(a.model_config).is_file(): p.error(f"--model-config: no such file {a.model_config!r}")
     torch.set_num_threads(a.threads)
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(Path(a.model_config).read_text()).items()}
-    cfg = CompactConfig(**{**kw, "resolution": a.resolution})
+    cfg = CompactConfig(**{**json.loads(Path(a.model_config).read_text()), "resolution": a.resolution})  # lists become tuples there
     rows = []
     for compiled in (False, True):
         s, w = step_seconds(cfg, compiled, a.batch, a.steps, a.warmup)
