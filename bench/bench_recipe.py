@@ -14,6 +14,10 @@ Presets (2 CPU cores, phantom data):
       presence of pigment network, streaks, dots and globules, blue-whitish veil and vascular structures (the judges'
       real-image agreement printed beside it); >= 5 img/s with guidance. Also printed, without a target: the share of
       lesions whose concept switches off and on with one seed (`--concept-cf` lesions per concept).
+  64p the same targets, model and sampler as 64, trained with progressive resolution: the 64 px recipe first trains at
+      32 px for 40% of the minutes (its steps measured by their own probes; 32 px steps cost about a quarter of 64 px
+      ones), then continues at 64 px from those weights (`lesiongen train --init-unet`) for the rest. Training minutes
+      are the sum of both phases.
   64c the same targets with a cascade: a 32 px base (`bench/recipes/compact32_concepts.json`, the 64 px recipe's text
       settings at 32 px, batches balanced over the diagnosis; 1,300 steps were 16.5 minutes) sampled with
       SDE-DPM-Solver++ 8 steps at guidance 4, then a 32 -> 64 px super-resolution stage (`CompactConfig.low_res`,
@@ -63,6 +67,7 @@ leave clauses stating an absence out of the text sequence, `CompactConfig.negate
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
        python bench/bench_recipe.py --preset 64 --work /tmp/recipe64 [--judge-seeds 3] [--presence-judges]
                                     [--sampler dpmpp_sde:8] [--reference dpmpp_sde:25] [--train-seed 1]
+       python bench/bench_recipe.py --preset 64p --work /tmp/recipe64p
        python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
                                     [--model-config BASE.json] [--upscaler-model-config STAGE.json] [--upscaler-sampler dpmpp_sde:8:3]
 """
@@ -88,6 +93,11 @@ PRESETS = {
     "64": dict(resolution=64, model_config=HERE / "recipes" / "compact64_drop.json", train_args=["--checkpointing-steps", "500", "--balance-by", "dx"], steps=2100,
                judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 8, 4.0, (0.0, 1.0)),
                reference=("dpmpp_sde", 25)),  # the ODE solver leaves this epsilon-model's residual noise in 64 px images
+    # progressive resolution: the 64 px recipe first trained at 32 px for a share of the minutes, then continued at
+    # 64 px from its weights (`lesiongen train --init-unet`); one model, sampled as the 64 preset's
+    "64p": dict(resolution=64, model_config=HERE / "recipes" / "compact64_drop.json", train_args=["--checkpointing-steps", "500", "--balance-by", "dx"],
+                steps=1050, judge_resolution=64, train_minutes=30, img_s=5, sampler=("dpmpp_sde", 8, 4.0, (0.0, 1.0)),
+                reference=("dpmpp_sde", 25), pretrain=dict(resolution=32, steps=3000, share=0.4)),
     # a cascade: a 32 px base with the 64 px recipe's text settings, then a 32 -> 64 px super-resolution stage
     # (`CompactConfig.low_res`); its steps and sampler as measured in bench_cascade.py (07_generate)
     "64c": dict(resolution=32, model_config=HERE / "recipes" / "compact32_concepts.json", steps=1300,
@@ -103,7 +113,7 @@ BUDGET_SHARE = 0.85  # of the training minutes: a long run's steps were 13-20% s
 CONCEPTS64 = ("pigment_network", "streaks", "dots_and_globules", "blue_whitish_veil", "vascular_structures")
 HEADLINE = {"32": (("dx", "relative_balanced", 0.9), ("fitzpatrick", "within_one", 0.9)),  # (attribute, measure, target) of each preset
             "64": tuple((c, "presence", 0.7) for c in CONCEPTS64)}
-HEADLINE["64c"] = HEADLINE["64"]
+HEADLINE["64c"] = HEADLINE["64p"] = HEADLINE["64"]
 
 
 def cli(*args: str) -> None:
@@ -254,6 +264,7 @@ def main(argv=None):
     if a.judge_seeds < 1: p.error(f"--judge-seeds must be >= 1, got {a.judge_seeds}")
     if a.preset == "32" and a.presence_judges: p.error("--presence-judges applies to --preset 64 (the concepts)")
     stage = preset.get("upscaler")  # the cascade's second model
+    pre = {**preset, **preset["pretrain"]} if preset.get("pretrain") else None  # progressive: the same recipe at a lower resolution first
     if a.upscaler_model_config:
         if not stage: p.error("--upscaler-model-config applies to --preset 64c")
         if not Path(a.upscaler_model_config).is_file(): p.error(f"--upscaler-model-config: no such file {a.upscaler_model_config!r}")
@@ -277,7 +288,9 @@ def main(argv=None):
         p.error(f"--steps must be 'budget' or a positive integer, got {a.steps!r}")
     budget, train_steps = None, None  # budget: the probes' rates, when the budget sets the steps
     up_budget, up_steps, up_run, up_minutes = None, None, None, None
-    base_minutes = preset["train_minutes"] * (1 - stage["share"]) if stage else preset["train_minutes"]
+    split = stage or pre  # the model trained second takes its share of the minutes
+    base_minutes = preset["train_minutes"] * (1 - split["share"]) if split else preset["train_minutes"]
+    pre_budget, pre_steps, pre_minutes = None, None, None
     if not a.run:
         if a.steps != "budget": train_steps = int(a.steps)
         else:
@@ -288,11 +301,20 @@ def main(argv=None):
             else:
                 up_budget = probed_budget(work / f"steps_{a.preset}_upscaler.json", work, records, captions, stage, a.threads)
                 up_steps = steps_in(up_budget, preset["train_minutes"] * stage["share"])
+        if pre:  # the low-resolution phase gets its share of the minutes, measured by its own probes
+            if a.steps != "budget": pre_steps = pre["steps"] * int(a.steps) // preset["steps"]
+            else:
+                pre_budget = probed_budget(work / f"steps_{a.preset}_pretrain.json", work, records, captions, pre, a.threads)
+                pre_steps = steps_in(pre_budget, preset["train_minutes"] * pre["share"])
+    if pre and not a.run:
+        pre_run, pre_minutes = train_generator(work, records, captions, pre, a.threads, pre_steps, name=f"pre{pre['resolution']}")
+        preset = {**preset, "train_args": [*preset["train_args"], "--init-unet", str(pre_run)]}
     run, minutes = (Path(a.run), None) if a.run else train_generator(work, records, captions, preset, a.threads, train_steps)
     if stage:
         up_run, up_minutes = (Path(a.upscaler_run), None) if a.upscaler_run else train_generator(
             work, records, captions, stage, a.threads, up_steps, name="upscaler64")
         minutes = None if minutes is None or up_minutes is None else minutes + up_minutes
+    if pre and not a.run: minutes = None if minutes is None or pre_minutes is None else minutes + pre_minutes
     jdir = Path(a.judges) if a.judges else work / f"judges{preset['judge_resolution']}"
     judges = Judges.load(jdir) if (jdir / "judges.json").is_file() else train_judges(
         records, jdir, JudgeConfig(resolution=preset["judge_resolution"], num_threads=a.threads, progress=False))
@@ -331,6 +353,9 @@ def main(argv=None):
         rows += [(f"super-resolution stage training steps ({'bought by its share of the budget' if up_budget else 'given'}; "
                   f"reference {stage['steps']})", up_steps, "", None),
                  (f"super-resolution stage sampler: {stage['sampler'][0]} {stage['sampler'][1]} steps, guidance {stage['sampler'][2]}", None, "", None)]
+    if pre and not a.run:
+        rows += [(f"of which the {pre['resolution']} px phase, min ({'bought by its share of the budget' if pre_budget else 'given'}; "
+                  f"{pre_steps} steps, reference {pre['steps']}; continued at {preset['resolution']} px from its weights)", pre_minutes, "", None)]
     if budget:
         rows += [("probe: seconds per training step", budget["s_per_step"], "", None),
                  ("probe: fixed cost of a run, s", budget["fixed_s"], "", None)]

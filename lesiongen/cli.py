@@ -488,7 +488,7 @@ _TRAIN_ARGS = {  # CLI option -> `TrainConfig` field, for options given on the c
     "mixed_precision": "mixed_precision", "caption_dropout": "caption_dropout", "noise_offset": "noise_offset", "snr_gamma": "snr_gamma",
     "balance_by": "balance_by", "balance_power": "balance_power",
     "prediction_type": "prediction_type", "ema": "use_ema", "checkpointing_steps": "checkpointing_steps",
-    "checkpoints_total_limit": "checkpoints_total_limit", "resume": "resume_from_checkpoint",
+    "checkpoints_total_limit": "checkpoints_total_limit", "resume": "resume_from_checkpoint", "init_unet": "init_unet",
     "validation_prompt": "validation_prompts", "num_validation_images": "num_validation_images",
     "validation_steps": "validation_steps", "validation_inference_steps": "validation_inference_steps",
     "seed": "seed", "num_threads": "num_threads", "report_to": "report_to"}
@@ -796,6 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--report-to", help="accelerate tracker: tensorboard, wandb, ...")
     t.add_argument("--model-config", metavar="FILE.json",
                    help="--base compact: a JSON object of model.CompactConfig fields (architecture, text encoder, ...)")
+    t.add_argument("--init-unet", metavar="RUN_DIR",
+                   help="--base compact: start from the UNet of a finished compact run of the same architecture (any "
+                        "resolution), e.g. a 32 px run continued at 64 px")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=_cmd_train)
 

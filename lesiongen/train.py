@@ -33,11 +33,12 @@ __all__ = ['logger', 'PREDICTION_TYPES', 'MIXED_PRECISIONS', 'LR_SCHEDULERS', 'D
            'read_json', 'data_root_of', 'check_base', 'undecodable_images', 'training_data_hash', 'check_inputs',
            'list_checkpoints', 'read_state', 'check_resumable', 'rng_state', 'set_rng_state', 'optimizer_state',
            'optimizer_state_dict', 'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint',
-           'resolve_mixed_precision', 'compact_config', 'trainable_names', 'downsampling_factor', 'load_components',
-           'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range', 'encode_latents', 'encode_prompts',
-           'epoch_permutation', 'group_keys', 'sampling_weights', 'batch_indices', 'make_batch', 'compute_loss',
-           'training_step', 'image_grid', 'validation_pipeline', 'log_validation', 'read_loss', 'append_loss',
-           'plot_loss', 'final_marker', 'save_outputs', 'base_licences', 'model_card', 'train']
+           'resolve_mixed_precision', 'compact_config', 'check_init_unet', 'load_init_unet', 'trainable_names',
+           'downsampling_factor', 'load_components', 'resize_crop', 'load_image', 'prepare_dataset', 'to_unit_range',
+           'encode_latents', 'encode_prompts', 'epoch_permutation', 'group_keys', 'sampling_weights', 'batch_indices',
+           'make_batch', 'compute_loss', 'training_step', 'image_grid', 'validation_pipeline', 'log_validation',
+           'read_loss', 'append_loss', 'plot_loss', 'final_marker', 'save_outputs', 'base_licences', 'model_card',
+           'train']
 
 # %% ../nbs/05_train.ipynb #7e27598f
 logger = get_logger(__name__, log_level="INFO")
@@ -103,6 +104,8 @@ class TrainConfig:
     validation_guidance_scale: float = 7.5  # classifier-free guidance of validation images, >= 1
     seed: int = 0                    # seed of initialisation, data order, noise and validation
     model_config: dict = field(default_factory=dict)  # compact only: `model.CompactConfig` fields besides resolution/prediction_type
+    init_unet: str|None = None       # compact only: a finished compact run whose UNet weights start this one (same architecture,
+                                     # any resolution: e.g. a 32 px run continued at 64 px, progressive resolution); None: random init
     text_cache_dir: str|None = None  # compact only: folder of a safetensors cache of caption embeddings; None: memory only
     num_threads: int|None = None     # torch CPU threads; None: torch's default
     report_to: str|None = None       # accelerate tracker (`tensorboard`, `wandb`, ...); None: CSV log only
@@ -140,6 +143,7 @@ class TrainConfig:
             raise LesionGenError("use_ema applies to full fine-tuning and the compact model, not to LoRA")
         if self.model_config and self.base != "compact": raise LesionGenError("model_config applies to base 'compact' only")
         if self.text_cache_dir is not None and self.base != "compact": raise LesionGenError("text_cache_dir applies to base 'compact' only")
+        if self.init_unet is not None and self.base != "compact": raise LesionGenError("init_unet applies to base 'compact' only")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1): bad("num_threads", "a positive integer or None")
         if isinstance(self.splits, str): self.splits = (self.splits,)
         if isinstance(self.balance_by, str): self.balance_by = (self.balance_by,)
@@ -248,7 +252,7 @@ def check_inputs(cfg: TrainConfig,  # the run settings
     for name in ("records", "captions", "out"):
         if not getattr(cfg, name): raise LesionGenError(f"{name} is required")
     base_kind = check_base(cfg.base)
-    if base_kind == "compact": compact_config(cfg)  # architecture and resolution errors before any data is read
+    if base_kind == "compact": check_init_unet(cfg.init_unet, compact_config(cfg))  # architecture errors before any data is read
     records_path = Path(cfg.records)
     if not records_path.is_file(): raise LesionGenError(f"records file not found: {records_path}")
     records = read_records(records_path)
@@ -544,6 +548,35 @@ def compact_config(cfg: TrainConfig) -> "_model.CompactConfig":
     try: return _model.CompactConfig(**{**kw, "resolution": cfg.resolution})
     except TypeError as e: raise LesionGenError(f"bad model_config: {e}") from e
 
+_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer")  # model_index.json entries naming components, not settings
+
+def check_init_unet(run: str|Path|None,             # `TrainConfig.init_unet`: a finished compact run folder, or None
+                    ccfg: "_model.CompactConfig",  # the architecture of the run it starts
+                   ) -> Path|None:                 # the UNet weights file to load; None when `run` is None
+    "Check that `run` is a finished compact run with `ccfg`'s architecture and text settings (any resolution)"
+    if run is None: return None
+    run = Path(run).expanduser()
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    if not (run / "model_index.json").is_file() or not weights.is_file() or not (run / "unet" / "config.json").is_file():
+        raise LesionGenError(f"init_unet {str(run)!r} is not a finished compact run (no model_index.json, unet/config.json "
+                             "and unet/diffusion_pytorch_model.safetensors)")
+    saved, index = read_json(run / "unet" / "config.json"), read_json(run / "model_index.json")
+    want = _model.compact_unet(ccfg).config  # cheap: a compact UNet has a few million weights at most
+    def differs(k, there, here): return f"{k}: {json.dumps(there)} there, {json.dumps(here)} here"
+    diff = [differs(k, saved.get(k), _to_json(v)) for k, v in want.items()
+            if k != "sample_size" and not k.startswith("_") and saved.get(k) != _to_json(v)]
+    diff += [differs(k, index[k], _to_json(getattr(ccfg, k))) for k in index  # the pipeline's text settings
+             if hasattr(ccfg, k) and k not in _COMPONENTS and index[k] != _to_json(getattr(ccfg, k))]
+    sched = run / "scheduler" / "scheduler_config.json"
+    if sched.is_file() and (p := read_json(sched).get("prediction_type")) != ccfg.prediction_type:
+        diff.append(differs("prediction_type", p, ccfg.prediction_type))
+    if diff: raise LesionGenError(f"init_unet {str(run)!r} has another architecture than this run: {'; '.join(diff[:4])}")
+    return weights
+
+def load_init_unet(unet, weights: Path) -> None:
+    "Copy the weights of `check_init_unet` into `unet` (safetensors; every tensor must match)"
+    unet.load_state_dict(load_file(str(weights)), strict=True)
+
 def trainable_names(model) -> list[str]:
     "List the names of `model`'s trainable parameters, in order"
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -569,6 +602,7 @@ def load_components(cfg: TrainConfig,
     if cfg.base == "compact":
         ccfg = compact_config(cfg)
         unet = _model.compact_unet(ccfg)
+        if cfg.init_unet is not None: load_init_unet(unet, check_init_unet(cfg.init_unet, ccfg))
         tokenizer, text_encoder = _model.load_text_encoder(ccfg.text_encoder)
         noise_scheduler = _model.compact_noise_scheduler(ccfg)
         infer_scheduler = _model.compact_pipeline(ccfg, unet=unet, text_encoder=(tokenizer, text_encoder)).scheduler
@@ -982,6 +1016,9 @@ def model_card(cfg: TrainConfig,  # the run's settings
                    f"text encoder `{cc.text_encoder}`{' (all-MiniLM-L6-v2, Apache-2.0)' if cc.text_encoder == 'minilm' else ''}, "
                    f"stored with it in `text_encoder/`. Load it with {load} or "
                    "`lesiongen.model.LesionGenPipeline.from_pretrained(THIS_FOLDER)`.")
+        if cfg.init_unet:
+            summary += (f" Its UNet started from the weights of the compact run `{cfg.init_unet}` (same architecture, "
+                        "trained before at another resolution or on other data), not from random ones.")
         if cc.low_res:
             title = "lesiongen compact super-resolution stage"
             summary += (f" It is the **second stage of a cascade**: it refines {cc.low_res} px images (bicubic-upsampled and "
