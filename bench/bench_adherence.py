@@ -98,7 +98,10 @@ def main(argv=None):
     plan = balanced_plan(a.records, a.n, seed=a.seed)
     cf = counterfactual_plan(a.records, a.cf, attribute="fitzpatrick", seed=a.seed + 1)
     rows = []
-    for run in map(Path, a.models):
+    runs = list(map(Path, a.models))
+    names = [r.name for r in runs]  # two runs of one folder name (e.g. each experiment's pre32) are told apart by their parent
+    labels = {r: r.name if names.count(r.name) == 1 else f"{r.parent.name}-{r.name}" for r in runs}
+    for run in runs:
         points = [(c, int(c.name.split("-")[1])) for c in list_checkpoints(run)] if a.checkpoints else []
         if (run / "model_index.json").is_file(): points.append((None, "final"))
         for ckpt, step in points:
@@ -111,7 +114,7 @@ def main(argv=None):
                     cimgs, _ = render(pipe, cf, sched, int(steps), g, a.batch, iv)
                     cc = counterfactual_control(judges, cimgs, cf).iloc[0]
                     t, summary = rep.table.set_index("attribute"), rep.summary()
-                    row = dict(model=run.name, step=step, sampler=spec, guidance=g, interval="{:g}-{:g}".format(*iv), img_s=round(ips, 1),
+                    row = dict(model=labels[run], step=step, sampler=spec, guidance=g, interval="{:g}-{:g}".format(*iv), img_s=round(ips, 1),
                                dx_rel=t.loc["dx", "relative_balanced"], dx_bal=t.loc["dx", "balanced_agreement"],
                                fitz_within1=t.loc["fitzpatrick", "within_one"], fitz_bal=t.loc["fitzpatrick", "balanced_agreement"],
                                ita_in_group=summary.get("ita_in_group"), ita_within1=summary.get("ita_within_one"),
@@ -121,7 +124,7 @@ def main(argv=None):
                     rows.append(row)
                     print(pd.DataFrame([row]).round(3).to_string(index=False), flush=True)
                     if a.out:
-                        d = Path(a.out) / f"{run.name}-{step}-{spec.replace(':', '')}-g{g}-i{iv[0]:g}-{iv[1]:g}"
+                        d = Path(a.out) / f"{labels[run]}-{step}-{spec.replace(':', '')}-g{g}-i{iv[0]:g}-{iv[1]:g}"
                         d.mkdir(parents=True, exist_ok=True); rep.save(d)
     table = pd.DataFrame(rows)
     print("\n" + table.round(3).to_string(index=False))
