@@ -66,7 +66,7 @@ leave clauses stating an absence out of the text sequence, `CompactConfig.negate
 
 Usage: python bench/bench_recipe.py --preset 32 --work /tmp/recipe32 [--threads 2] [--n 420] [--cf 40] [--model-config FILE]
        python bench/bench_recipe.py --preset 64 --work /tmp/recipe64 [--judge-seeds 3] [--presence-judges]
-                                    [--sampler dpmpp_sde:8] [--reference dpmpp_sde:25] [--train-seed 1]
+                                    [--sampler dpmpp_sde:8] [--reference dpmpp_sde:25] [--train-seed 1] [--balance-power 0.5]
        python bench/bench_recipe.py --preset 64p --work /tmp/recipe64p
        python bench/bench_recipe.py --preset 64c --work /tmp/recipe64c [--run BASE32 --upscaler-run SR64]
                                     [--model-config BASE.json] [--upscaler-model-config STAGE.json] [--upscaler-sampler dpmpp_sde:8:3]
@@ -249,6 +249,9 @@ def main(argv=None):
                                         "stages so); default: the preset's (32: dpmpp:25; 64, 64c: dpmpp_sde:25)")
     p.add_argument("--train-seed", type=int, default=None, help="seed of the generator's training (lesiongen train --seed; "
                                                                    "default: train's own, 0): another seed of one recipe measures run-to-run spread")
+    p.add_argument("--balance-power", type=float, default=None,
+                   help="alpha of the training data order (lesiongen train --balance-power; the presets' 1 draws each diagnosis "
+                        "equally often, 0 keeps the natural order)")
     p.add_argument("--steps", default="budget",
                    help="training steps: 'budget' (what the preset's minutes buy on this machine, measured) or a number")
     a = p.parse_args(argv)
@@ -261,6 +264,9 @@ def main(argv=None):
     if a.train_seed is not None:
         if a.train_seed < 0: p.error(f"--train-seed must be >= 0, got {a.train_seed}")
         preset = {**preset, "train_args": [*preset["train_args"], "--seed", str(a.train_seed)]}
+    if a.balance_power is not None:
+        if not 0 <= a.balance_power <= 1: p.error(f"--balance-power must be in [0, 1], got {a.balance_power}")
+        preset = {**preset, "train_args": [*preset["train_args"], "--balance-power", str(a.balance_power)]}
     if a.judge_seeds < 1: p.error(f"--judge-seeds must be >= 1, got {a.judge_seeds}")
     if a.preset == "32" and a.presence_judges: p.error("--presence-judges applies to --preset 64 (the concepts)")
     stage = preset.get("upscaler")  # the cascade's second model
