@@ -15,9 +15,10 @@ Presets (2 CPU cores, phantom data):
       real-image agreement printed beside it); >= 5 img/s with guidance. Also printed, without a target: the share of
       lesions whose concept switches off and on with one seed (`--concept-cf` lesions per concept).
   64p the same targets, model and sampler as 64, trained with progressive resolution: the 64 px recipe first trains at
-      32 px for 40% of the minutes (its steps measured by their own probes; 32 px steps cost about a quarter of 64 px
-      ones), then continues at 64 px from those weights (`lesiongen train --init-unet`) for the rest. Training minutes
-      are the sum of both phases.
+      32 px for 40% of the minutes (its steps measured by their own probes; a 32 px step cost 0.28 s, a third of a
+      64 px one), then continues at 64 px from those weights (`lesiongen train --init-unet`) for the rest. Training
+      minutes are the sum of both phases. Measured at two training seeds and not adopted (07_generate: mesh and
+      streaks gain, dots do not).
   64c the same targets with a cascade: a 32 px base (`bench/recipes/compact32_concepts.json`, the 64 px recipe's text
       settings at 32 px, batches balanced over the diagnosis; 1,300 steps were 16.5 minutes) sampled with
       SDE-DPM-Solver++ 8 steps at guidance 4, then a 32 -> 64 px super-resolution stage (`CompactConfig.low_res`,
